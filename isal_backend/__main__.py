@@ -1,0 +1,5 @@
+import sys
+
+from isal_backend.cli import main
+
+sys.exit(main())

@@ -1,0 +1,60 @@
+"""``python -m isal_backend``: the benchmark and the RQ worker.
+
+Each sub-command is defined here and implemented where its code lives, imported lazily so that
+``worker`` does not pay for matplotlib and ``bench`` does not need Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m isal_backend", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+
+    al = bench.add_parser("al", help="pool-based active-learning benchmark")
+    al.add_argument("--dataset", required=True, help="fashion-mnist, cifar10, or a folder of class sub-folders")
+    al.add_argument("--strategies", default="isal,isal-paper,random,entropy,margin,coreset")
+    al.add_argument("--seeds", type=int, default=None, help="number of seeds (default 10; 3 with --quick)")
+    al.add_argument("--out", required=True, help="output folder for curves.csv, curves.png, summary.json")
+    al.add_argument("--quick", action="store_true", help="a small run that finishes within 2 minutes")
+    al.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    al.add_argument("--backbone", default=None, help="feature extractor (default depends on the dataset)")
+    al.add_argument("--cycles", type=int, default=None, help="selection cycles")
+    al.add_argument("--budget", type=int, default=None, help="labels added per cycle")
+    al.add_argument("--pool-size", type=int, default=None, help="subsample the pool to this many images")
+    al.add_argument("--data-root", default=None, help="where data files are looked for (default ../shared/data)")
+
+    speed = bench.add_parser("speed", help="ISAL scoring throughput against a bare forward pass")
+    speed.add_argument("--quick", action="store_true")
+    speed.add_argument("--json", required=True, help="write the figures here as JSON")
+    speed.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    speed.add_argument("--backbone", default="resnet18-cifar")
+    speed.add_argument("--batch-size", type=int, default=64)
+
+    worker = sub.add_parser("worker", help="run an RQ worker for the backend's queue (needs REDIS_URL)")
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.add_argument("--name", default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "bench" and args.bench == "al":
+            from isal_backend.bench.al import main as run
+
+        elif args.command == "bench" and args.bench == "speed":
+            from isal_backend.bench.speed import main as run
+
+        else:
+            from isal_backend.queue.worker import main as run
+        return int(run(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
