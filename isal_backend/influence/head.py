@@ -163,7 +163,7 @@ class HeadInfluence(InfluenceProblem):
         hessian = torch.zeros(c, d, c, d, dtype=x.dtype)
         for a in range(c):
             for b in range(a, c):
-                w = p[:, a] * ((a == b) - p[:, b])
+                w = p[:, a] * (float(a == b) - p[:, b])
                 block = (x * w[:, None]).T @ x
                 hessian[a, :, b, :] = block
                 hessian[b, :, a, :] = block.T
