@@ -26,9 +26,11 @@ import torch
 from isal_backend.influence import (
     PAPER_LISSA,
     HeadInfluence,
+    LinearHead,
     LissaConfig,
     check_top_k,
     fit_linear_head,
+    score_head,
     solve_s_test,
 )
 from isal_backend.strategies.base import PoolState, Strategy, ascending
@@ -73,28 +75,44 @@ def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> list[np.nda
     return [np.sort(np.asarray(g, dtype=np.int64)) for g in groups if g]
 
 
-def influence_scores(
+@dataclass
+class InfluenceUnit:
+    """One trained head with its ``s_test``: everything needed to score any feature row later.
+
+    ``scale`` standardises the unit's scores (cross-fitted units are averaged in that scale).
+    """
+
+    head: LinearHead
+    s_test: torch.Tensor
+    scale: float = 1.0
+
+    def score(self, features: torch.Tensor, top_k: int) -> torch.Tensor:
+        s = self.s_test.view_as(self.head.weight)
+        return score_head(self.head, s, features.to(self.head.weight.dtype), top_k) / self.scale
+
+
+def score_units(units: list[InfluenceUnit], features: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The mean standardised score of several units (one unit: its plain ISAL score)."""
+    return torch.stack([unit.score(features, top_k) for unit in units]).mean(dim=0)
+
+
+def fit_unit(
     state: PoolState,
     train_idx: np.ndarray,
     ref_idx: np.ndarray,
     solver: str,
-    top_k: int,
     lissa_config: LissaConfig = PAPER_LISSA,
     seed: int = 0,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """ISAL scores of the whole pool for one (train, reference) split of the labels."""
+) -> tuple[InfluenceUnit, dict[str, float]]:
+    """Train a head on ``train_idx`` and solve ``s_test`` for the reference set ``ref_idx``."""
     x, y = state.labeled_features.double(), state.labeled_labels
-    train_y = y[train_idx]
-    head = fit_linear_head(x[train_idx], train_y, state.num_classes, state.weight_decay)
-    problem = HeadInfluence(
-        head, x[train_idx], x[ref_idx], y[ref_idx], state.pool_features, state.weight_decay
-    )
+    head = fit_linear_head(x[train_idx], y[train_idx], state.num_classes, state.weight_decay)
+    problem = HeadInfluence(head, x[train_idx], x[ref_idx], y[ref_idx], state.pool_features, state.weight_decay)
     s_test, report = solve_s_test(problem, solver, lissa_config, seed=seed)
-    scores = problem.score(s_test, top_k)
     info = {"s_test_seconds": report.seconds, "s_test_iterations": float(report.iterations)}
     if report.relative_residual is not None:
         info["s_test_residual"] = report.relative_residual
-    return scores, info
+    return InfluenceUnit(head, s_test), info
 
 
 def balanced_order(scores: torch.Tensor, predicted: torch.Tensor, count: int, seed: int) -> np.ndarray:
@@ -140,31 +158,34 @@ class IsalStrategy(Strategy):
         if self.folds < 2:
             raise ValueError(f"crossfit needs at least 2 folds, got {self.folds}")
 
-    def scores(self, state: PoolState) -> torch.Tensor:
-        """Pool scores; lower is more valuable."""
+    def fit(self, state: PoolState) -> list[InfluenceUnit]:
+        """The trained heads and their ``s_test``: one held-out unit, or one per cross-fitting fold."""
         check_top_k(self.top_k, state.num_classes)
         y = state.labeled_labels
         if self.reference == "holdout":
             train, ref = holdout_split(y, self.holdout_fraction, state.seed)
-            scores, info = influence_scores(state, train, ref, self.solver, self.top_k, self.lissa_config, state.seed)
+            unit, info = fit_unit(state, train, ref, self.solver, self.lissa_config, state.seed)
             state.report.update(info)
-            return scores
+            return [unit]
         folds = stratified_folds(y, self.folds, state.seed)
         if len(folds) < 2:
             raise NotEnoughLabels(f"cross-fitting needs at least 2 labels, got {y.shape[0]}")
         everything = np.arange(y.shape[0])
-        total = torch.zeros(state.pool_size, dtype=torch.float64)
-        seconds = 0.0
+        units, seconds = [], 0.0
         for j, ref in enumerate(folds):
-            train = np.setdiff1d(everything, ref)
-            scores, info = influence_scores(
-                state, train, ref, self.solver, self.top_k, self.lissa_config, state.seed + j
-            )
-            scale = scores.std() if scores.numel() > 1 and scores.std() > 0 else torch.tensor(1.0)
-            total += (scores / scale).double()
+            unit, info = fit_unit(state, np.setdiff1d(everything, ref), ref, self.solver, self.lissa_config,
+                                  state.seed + j)
+            pool_scores = unit.score(state.pool_features, self.top_k)
+            std = float(pool_scores.std()) if pool_scores.numel() > 1 else 0.0
+            unit.scale = std if std > 0 else 1.0
+            units.append(unit)
             seconds += info["s_test_seconds"]
         state.report["s_test_seconds"] = seconds
-        return total / len(folds)
+        return units
+
+    def scores(self, state: PoolState) -> torch.Tensor:
+        """Pool scores; lower is more valuable."""
+        return score_units(self.fit(state), state.pool_features, self.top_k)
 
     def rank(self, state: PoolState, count: int) -> np.ndarray:
         scores = self.scores(state)
