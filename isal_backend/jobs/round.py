@@ -1,0 +1,317 @@
+"""The round: Label Studio's annotations in, a retrained model and an ordered labeling stream out.
+
+This module is the glue and the only place that knows both sides: it fetches tasks with the Label
+Studio client, turns images into features, asks a strategy (ISAL by default) for an order, writes
+the top of that order back as predictions of the new round and makes Label Studio serve them.
+
+Steps of :func:`run_round` (each timed into the round's report):
+
+1. fetch every task with its annotations; labels from the latest non-cancelled annotation, a label
+   missing from the config is skipped and reported;
+2. features of every task image (cached per image); unreachable or corrupt images are skipped and
+   listed in the report;
+3. ISAL when a reference set can be held out (two labels of one class at least, two classes);
+   else the cold-start order: core-set on backbone features, so the first labels cover the data;
+4. one prediction for each of the top ``ISAL_WRITE_TOP_M`` tasks (pre-label as ``result``, influence
+   rank mapped into [0, 1] as ``score``, the round id as ``model_version``), created count checked,
+   then ``sampling = "Uncertainty sampling"`` and the project's ``model_version`` = the round;
+5. the round is committed to the model store (atomically) and recorded for /metrics; older
+   rounds' predictions are deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+
+from isal_backend.influence import LinearHead, check_top_k, fit_linear_head
+from isal_backend.labelstudio.client import LabelStudioClient
+from isal_backend.labelstudio.config import ClassificationConfig, parse_label_config
+from isal_backend.labelstudio.convert import prediction_result, rank_scores, task_label
+from isal_backend.labelstudio.images import decode_image
+from isal_backend.models.featurizer import Featurizer
+from isal_backend.settings import Settings, project_credentials
+from isal_backend.status import record_round
+from isal_backend.store import ModelStore, RoundState
+from isal_backend.strategies import CoresetStrategy, IsalStrategy, NotEnoughLabels, PoolState, get_strategy
+from isal_backend.strategies.isal import InfluenceUnit, balanced_order, holdout_split, score_units
+
+log = logging.getLogger(__name__)
+
+WEIGHT_DECAY = 1e-3
+
+
+def new_round_id() -> str:
+    """Sortable, collision-free: UTC time to the microsecond plus random bits."""
+    return f"isal-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class ProjectData:
+    """A project's tasks split into labeled and unlabeled, with everything skipped and why."""
+
+    config: ClassificationConfig
+    labeled: list[tuple[dict[str, Any], int]] = field(default_factory=list)
+    unlabeled: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+
+def image_reference(task: dict[str, Any], config: ClassificationConfig) -> str:
+    value = (task.get("data") or {}).get(config.image_value_key)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"task {task.get('id')} has no image under data.{config.image_value_key}")
+    return value
+
+
+def split_tasks(tasks: list[dict[str, Any]], config: ClassificationConfig) -> ProjectData:
+    """Labeled tasks with class indices, the unlabeled pool, and the skipped with reasons."""
+    data = ProjectData(config)
+    index = {name: i for i, name in enumerate(config.labels)}
+    for task in tasks:
+        annotations = task.get("annotations") or []
+        if not annotations:
+            data.unlabeled.append(task)
+            continue
+        try:
+            label = task_label(task, config)
+        except ValueError as exc:
+            data.skipped.append({"task": task.get("id"), "reason": str(exc)})
+            continue
+        if label is None:  # only cancelled (skipped) annotations: neither trained on nor served again
+            continue
+        data.labeled.append((task, index[label]))
+    return data
+
+
+class Round:
+    """One project's round; construct, then :meth:`run`."""
+
+    def __init__(self, project_id: int, settings: Settings, client: LabelStudioClient | None = None) -> None:
+        self.project_id = int(project_id)
+        self.settings = settings
+        credentials = project_credentials(settings, self.project_id)
+        self.client = client or LabelStudioClient(credentials.url, credentials.api_key)
+        self.store = ModelStore(settings.model_dir)
+        self.featurizer = Featurizer(
+            settings.backbone, self.store.project_dir(self.project_id) / "features", settings.device
+        )
+        self.timings: dict[str, float] = {}
+
+    def _timed(self, name: str, start: float) -> None:
+        self.timings[name] = round(time.perf_counter() - start, 4)
+
+    def load_image(self, reference: str):
+        return decode_image(self.client.download(reference), reference)
+
+    def fetch(self) -> ProjectData:
+        start = time.perf_counter()
+        project = self.client.get_project(self.project_id)
+        config = parse_label_config(project["label_config"])
+        tasks = self.client.list_tasks(self.project_id)
+        self._timed("fetch_seconds", start)
+        return split_tasks(tasks, config)
+
+    def features(self, tasks: list[dict[str, Any]], config: ClassificationConfig, skipped: list[dict[str, Any]]):
+        """Features of the tasks whose image loads; the rest go to ``skipped``."""
+        refs: dict[int, str] = {}
+        for task in tasks:
+            try:
+                refs[task["id"]] = image_reference(task, config)
+            except ValueError as exc:
+                skipped.append({"task": task.get("id"), "reason": str(exc)})
+        feats, failures = self.featurizer(list(refs.values()), self.load_image)
+        kept: list[dict[str, Any]] = []
+        rows: list[torch.Tensor] = []
+        for task in tasks:
+            ref = refs.get(task["id"])
+            if ref is None:
+                continue
+            if ref in feats:
+                kept.append(task)
+                rows.append(feats[ref])
+            else:
+                skipped.append({"task": task["id"], "reason": f"image could not be loaded: {failures.get(ref)}"})
+        dim = self.featurizer.model.feature_dim
+        return kept, torch.stack(rows) if rows else torch.zeros(0, dim)
+
+    def run(self) -> dict[str, Any]:
+        start_all = time.perf_counter()
+        round_id = new_round_id()
+        self.store.sweep_staging(self.project_id)
+        data = self.fetch()
+        config = data.config
+        num_classes = len(config.labels)
+
+        start = time.perf_counter()
+        labeled_tasks, labeled_x = self.features([t for t, _ in data.labeled], config, data.skipped)
+        label_of = {t["id"]: y for t, y in data.labeled}
+        labeled_y = torch.tensor([label_of[t["id"]] for t in labeled_tasks], dtype=torch.long)
+        pool_tasks, pool_x = self.features(data.unlabeled, config, data.skipped)
+        self._timed("features_seconds", start)
+
+        start = time.perf_counter()
+        state = PoolState(labeled_x, labeled_y, pool_x, num_classes, WEIGHT_DECAY, seed=self.project_id)
+        tensors: dict[str, torch.Tensor] = {}
+        report: dict[str, Any] = {
+            "round_id": round_id, "project": self.project_id, "labels": config.labels,
+            "labeled": len(labeled_tasks), "unlabeled": len(pool_tasks), "strategy": self.settings.strategy,
+        }
+        count = len(pool_tasks) if self.settings.write_top_m == 0 else min(self.settings.write_top_m, len(pool_tasks))
+        order, head, pool_scores = self.order(state, count, tensors, report)
+        self._timed("train_and_score_seconds", start)
+
+        start = time.perf_counter()
+        predicted = head.probs(pool_x.to(head.weight.dtype)).argmax(dim=1) if head is not None and len(pool_x) else None
+        scores = rank_scores(len(order))
+        predictions = []
+        for rank, idx in enumerate(order):
+            label = config.labels[int(predicted[idx])] if predicted is not None else None
+            predictions.append({
+                "task": pool_tasks[idx]["id"],
+                "result": prediction_result(config, label) if label is not None else [],
+                "score": scores[rank],
+                "model_version": round_id,
+            })
+        if predictions:
+            self.client.import_predictions(self.project_id, predictions)
+            self.client.set_ordering(self.project_id, round_id)
+        self._timed("write_back_seconds", start)
+
+        if pool_scores is not None:
+            tensors["pool_scores_sorted"] = torch.sort(pool_scores.double()).values
+        report.update({
+            "written": len(predictions),
+            "top_tasks": [pool_tasks[i]["id"] for i in order[:20]],
+            "skipped": data.skipped,
+            "finished_at": datetime.now(UTC).isoformat(),
+        })
+        self._timed("total_seconds", start_all)
+        report["timings"] = self.timings
+        self.store.commit(self.project_id, round_id, tensors, report)
+        self.store.prune(self.project_id)
+        record_round(self.project_id, {k: v for k, v in report.items() if k not in ("skipped", "top_tasks")},
+                     self.settings)
+        log.info("project %s round %s: %s labeled, %s scored, %s written, order %s, %.2f s", self.project_id,
+                 round_id, report["labeled"], report["unlabeled"], len(predictions), report["order"],
+                 self.timings["total_seconds"])
+        try:
+            self.client.delete_predictions(self.project_id, round_id)
+        except Exception as exc:  # noqa: BLE001 - the new order is already served; stale rows only cost space
+            log.warning("project %s: deleting older rounds' predictions failed: %s", self.project_id, exc)
+        return report
+
+    def order(
+        self, state: PoolState, count: int, tensors: dict[str, torch.Tensor], report: dict[str, Any]
+    ) -> tuple[np.ndarray, LinearHead | None, torch.Tensor | None]:
+        """The pool order, the head for pre-labels, and the pool's ISAL scores (None in cold start)."""
+        if state.pool_size == 0:
+            report["order"] = "none (no unlabeled task)"
+            return np.zeros(0, dtype=np.int64), None, None
+        name = self.settings.strategy
+        classes_seen = int(torch.unique(state.labeled_labels).numel()) if len(state.labeled_labels) else 0
+        try:
+            if classes_seen < 2:
+                raise NotEnoughLabels(f"{len(state.labeled_labels)} labels in {classes_seen} class(es)")
+            train, ref = holdout_split(state.labeled_labels, self.settings.holdout_fraction, state.seed)
+        except NotEnoughLabels as exc:
+            report["order"] = "cold-start: core-set diversity on backbone features"
+            report["cold_start_reason"] = str(exc)
+            return CoresetStrategy().rank(state, count), None, None
+
+        x = state.labeled_features.double()
+        head = fit_linear_head(x[train], state.labeled_labels[train], state.num_classes, WEIGHT_DECAY)
+        accuracy = float((head.probs(x[ref]).argmax(1) == state.labeled_labels[ref]).double().mean())
+        report.update({"validation_accuracy": round(accuracy, 4), "train_size": len(train), "reference_size": len(ref)})
+        tensors["head_weight"] = head.weight
+
+        if name in ("isal", "isal-paper"):
+            top_k = min(self.settings.top_k, state.num_classes - 1)
+            check_top_k(top_k, state.num_classes)
+            strategy = IsalStrategy(reference="holdout", holdout_fraction=self.settings.holdout_fraction,
+                                    top_k=top_k, balance="class" if name == "isal" else "none",
+                                    solver="cg" if name == "isal" else "lissa", name=name)
+            units = strategy.fit(state)
+            scores = score_units(units, state.pool_features, top_k)
+            tensors["s_test"] = units[0].s_test
+            tensors["unit_head_weight"] = units[0].head.weight
+            report["top_k"] = top_k
+            report["order"] = f"{name}: influence on a held-out reference set of {len(ref)} labels"
+            report.update({k: v for k, v in state.report.items() if isinstance(v, float | int | str)})
+            if strategy.balance == "class":
+                order = balanced_order(scores, head.probs(state.pool_features.double()).argmax(1), count, state.seed)
+            else:
+                order = np.argsort(scores.numpy(), kind="stable")[:count]
+            return order, head, scores
+        state.head = head
+        report["order"] = f"{name} (baseline strategy)"
+        return get_strategy(name).rank(state, count), head, None
+
+
+def current_scorer(state: RoundState, top_k: int) -> tuple[LinearHead | None, InfluenceUnit | None]:
+    """The stored head for pre-labels and the stored influence unit for new tasks' scores."""
+    head = LinearHead(state.tensors["head_weight"]) if "head_weight" in state.tensors else None
+    unit = None
+    if "s_test" in state.tensors and "unit_head_weight" in state.tensors:
+        unit = InfluenceUnit(LinearHead(state.tensors["unit_head_weight"]), state.tensors["s_test"])
+    return head, unit
+
+
+def score_to_unit_interval(scores: torch.Tensor, sorted_pool: torch.Tensor | None) -> list[float]:
+    """Where each score falls among the round's pool scores, in [0, 1] (most valuable lowest)."""
+    if sorted_pool is None or sorted_pool.numel() == 0:
+        return [0.5] * len(scores)
+    ranks = torch.searchsorted(sorted_pool, scores.double().contiguous())
+    return [round(float(r) / sorted_pool.numel(), 6) for r in ranks]
+
+
+def run_round(project_id: int) -> dict[str, Any]:
+    """RQ entry point: a full round for the project with the settings of the environment."""
+    return Round(project_id, Settings.from_env()).run()
+
+
+def score_new_tasks(project_id: int, task_ids: list[int]) -> dict[str, Any]:
+    """RQ entry point for TASKS_CREATED: predictions of the current round for the new tasks.
+
+    Scored with the stored head and ``s_test``, so new tasks join the stream in influence order
+    without waiting for a retrain; with no round yet there is nothing to order against, and the
+    next round covers them.
+    """
+    settings = Settings.from_env()
+    round_ = Round(project_id, settings)
+    stored = round_.store.load(project_id)
+    if stored is None:
+        return {"project": project_id, "scored": 0, "reason": "no round yet"}
+    config = parse_label_config(round_.client.get_project(project_id)["label_config"])
+    wanted = {int(t) for t in task_ids}
+    tasks = [t for t in round_.client.list_tasks(project_id) if t["id"] in wanted and not t.get("annotations")]
+    skipped: list[dict[str, Any]] = []
+    kept, x = round_.features(tasks, config, skipped)
+    predictions = predictions_for(stored, config, kept, x, settings.top_k)
+    if predictions:
+        round_.client.import_predictions(project_id, predictions)
+    return {"project": project_id, "scored": len(predictions), "skipped": skipped, "round_id": stored.round_id}
+
+
+def predictions_for(
+    stored: RoundState, config: ClassificationConfig, tasks: list[dict[str, Any]], x: torch.Tensor, top_k: int
+) -> list[dict[str, Any]]:
+    """Pre-label and influence-derived score of each task under a stored round."""
+    head, unit = current_scorer(stored, top_k)
+    if head is None or not tasks:
+        return [{"task": t["id"], "result": [], "score": 0.5, "model_version": stored.round_id} for t in tasks]
+    probs = head.probs(x.to(head.weight.dtype))
+    top_k = min(top_k, len(config.labels) - 1)
+    scores = unit.score(x, top_k) if unit is not None else -probs.max(dim=1).values
+    mapped = score_to_unit_interval(scores, stored.tensors.get("pool_scores_sorted"))
+    return [
+        {"task": t["id"], "result": prediction_result(config, config.labels[int(p.argmax())]), "score": s,
+         "model_version": stored.round_id}
+        for t, p, s in zip(tasks, probs, mapped, strict=True)
+    ]

@@ -1,0 +1,155 @@
+"""Per-project model store in ``MODEL_DIR``: versioned rounds, written atomically.
+
+Layout::
+
+    MODEL_DIR/projects/<id>/
+        credentials.json               /setup's hostname and token (0600, see settings.py)
+        rounds/<round_id>/state.pt     heads and s_test (torch tensors)
+        rounds/<round_id>/report.json  metrics, counts, timings, order in force, skipped items
+        CURRENT                        the round id in force (replaced atomically)
+        features/<backbone>/*.pt       feature cache chunks (see FeatureCache)
+
+A round is written into a hidden staging folder and renamed into ``rounds/`` only when complete,
+then ``CURRENT`` is swapped with ``os.replace``: a job killed at any point leaves the previous
+round current and at worst an orphaned staging folder, which :meth:`ModelStore.sweep_staging` removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class RoundState:
+    """A stored round: its tensors (heads, s_test, ...) and its JSON report."""
+
+    round_id: str
+    tensors: dict[str, torch.Tensor]
+    report: dict[str, Any]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class ModelStore:
+    """Rounds of one ``MODEL_DIR``; safe to share between processes and machines on one filesystem."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def project_dir(self, project_id: int) -> Path:
+        return self.root / "projects" / str(int(project_id))
+
+    def current_id(self, project_id: int) -> str | None:
+        try:
+            return (self.project_dir(project_id) / "CURRENT").read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def load(self, project_id: int, round_id: str | None = None) -> RoundState | None:
+        """The named round, or the current one; None when the project has none yet."""
+        round_id = round_id or self.current_id(project_id)
+        if round_id is None:
+            return None
+        folder = self.project_dir(project_id) / "rounds" / round_id
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        report = json.loads((folder / "report.json").read_text())
+        return RoundState(round_id, state, report)
+
+    def rounds(self, project_id: int) -> list[str]:
+        folder = self.project_dir(project_id) / "rounds"
+        return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.exists() else []
+
+    def commit(
+        self,
+        project_id: int,
+        round_id: str,
+        tensors: dict[str, torch.Tensor],
+        report: dict[str, Any],
+    ) -> Path:
+        """Write a complete round and make it current; never leaves a half-written round current."""
+        rounds = self.project_dir(project_id) / "rounds"
+        rounds.mkdir(parents=True, exist_ok=True)
+        staging = rounds / f".staging-{round_id}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            torch.save(tensors, staging / "state.pt")
+            (staging / "report.json").write_text(json.dumps(report, indent=2, default=str))
+            final = rounds / round_id
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _atomic_write_text(self.project_dir(project_id) / "CURRENT", round_id + "\n")
+        return final
+
+    def sweep_staging(self, project_id: int) -> int:
+        """Remove staging folders left by killed jobs; returns how many."""
+        rounds = self.project_dir(project_id) / "rounds"
+        stale = list(rounds.glob(".staging-*")) if rounds.exists() else []
+        for folder in stale:
+            shutil.rmtree(folder, ignore_errors=True)
+        return len(stale)
+
+    def prune(self, project_id: int, keep: int = 5) -> None:
+        """Keep the newest ``keep`` rounds (and always the current one)."""
+        current = self.current_id(project_id)
+        for name in self.rounds(project_id)[:-keep]:
+            if name != current:
+                shutil.rmtree(self.project_dir(project_id) / "rounds" / name, ignore_errors=True)
+
+
+class FeatureCache:
+    """Backbone features per image reference, as append-only chunk files.
+
+    Each writer adds a new chunk (atomically renamed), so concurrent workers never corrupt each
+    other; readers load every chunk once and remember which they have seen.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._seen: set[str] = set()
+        self._features: dict[str, torch.Tensor] = {}
+
+    def _refresh(self) -> None:
+        if not self.folder.exists():
+            return
+        for path in sorted(self.folder.glob("chunk-*.pt")):
+            if path.name in self._seen:
+                continue
+            chunk = torch.load(path, map_location="cpu", weights_only=True)
+            for key, row in zip(chunk["keys"], chunk["features"], strict=True):
+                self._features[key] = row
+            self._seen.add(path.name)
+
+    def get_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        self._refresh()
+        return {k: self._features[k] for k in keys if k in self._features}
+
+    def put_many(self, keys: list[str], features: torch.Tensor) -> None:
+        if not keys:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"chunk-{uuid.uuid4().hex}.pt"
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-")
+        os.close(fd)
+        torch.save({"keys": list(keys), "features": features.float().contiguous()}, tmp)
+        os.replace(tmp, self.folder / name)
+        for key, row in zip(keys, features, strict=True):
+            self._features[key] = row
+        self._seen.add(name)
