@@ -147,8 +147,8 @@ class FeatureCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"chunk-{uuid.uuid4().hex}.pt"
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-")
-        os.close(fd)
-        torch.save({"keys": list(keys), "features": features.float().contiguous()}, tmp)
+        with os.fdopen(fd, "wb") as fh:
+            torch.save({"keys": list(keys), "features": features.float().contiguous()}, fh)
         os.replace(tmp, self.folder / name)
         for key, row in zip(keys, features, strict=True):
             self._features[key] = row
