@@ -1,0 +1,195 @@
+"""In-process implementation of the coalescing queue (no REDIS_URL): one background thread.
+
+Same semantics as :mod:`isal_backend.queue.redis_queue`: per project and kind at most one job waits
+(new events are absorbed by it), a job that runs never blocks new events from creating the next
+waiting job, crashes are retried with backoff then reported. One thread runs every job, so at most one
+runs per project (and in the process). State is per process: run gunicorn with ``--workers 1`` (threads
+are fine) in this mode, as the Makefile does.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from isal_backend.queue import Submission
+from isal_backend.queue.context import KINDS, ROUND, JobContext, reset_current_job, set_current_job
+from isal_backend.queue.redis_queue import resolve
+from isal_backend.settings import Settings
+from isal_backend.status import StatusStore, record_job_outcome
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Item:
+    kind: str
+    project_id: int
+    job_id: str
+    not_before: float = 0.0
+    attempt: int = 0
+
+
+@dataclass
+class _Project:
+    pending: dict[str, str] = field(default_factory=dict)  # kind -> waiting job id
+    running: str | None = None
+    events: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    task_ids: set[int] = field(default_factory=set)
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+class EmbeddedCoalescer:
+    """Submits events and runs jobs on one daemon thread (started lazily, so it survives gunicorn's fork)."""
+
+    def __init__(
+        self,
+        *,
+        targets: dict[str, str],
+        status_folder: Path,
+        retries: int = 3,
+        backoff: tuple[int, ...] = (10, 60, 300),
+    ) -> None:
+        self.targets = targets
+        self.store = StatusStore(redis=None, prefix="", folder=status_folder)
+        self.retries, self.backoff = retries, tuple(backoff) or (0,)
+        self._lock = threading.Condition()
+        self._items: list[_Item] = []
+        self._projects: dict[int, _Project] = {}
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.jobs = {"succeeded": 0, "failed": 0, "retrying": 0, "superseded": 0}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EmbeddedCoalescer:
+        return cls(
+            targets={ROUND: settings.round_job, "score": settings.score_job},
+            status_folder=Path(settings.model_dir) / "status",
+            retries=settings.job_retries,
+            backoff=settings.retry_backoff,
+        )
+
+    def submit(self, kind: str, project_id: int, task_ids: list[int] | None = None) -> Submission:
+        if kind not in KINDS:
+            raise ValueError(f"unknown job kind {kind!r}")
+        pid = int(project_id)
+        with self._lock:
+            self._ensure_thread()
+            proj = self._projects.setdefault(pid, _Project())
+            proj.events[kind] += 1
+            proj.task_ids.update(int(t) for t in task_ids or [])
+            waiting = proj.pending.get(kind)
+            if waiting is not None:
+                proj.counters[f"absorbed_{kind}"] = proj.counters.get(f"absorbed_{kind}", 0) + 1
+                return Submission(kind, pid, waiting, "absorbed", proj.events[kind])
+            job_id = f"{kind}-{pid}-{uuid.uuid4().hex}"
+            proj.pending[kind] = job_id
+            self._items.append(_Item(kind, pid, job_id))
+            self._lock.notify_all()
+            return Submission(kind, pid, job_id, "enqueued", proj.events[kind])
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="isal-embedded-worker")
+            self._thread.start()
+
+    def _next_item(self) -> _Item | None:
+        with self._lock:
+            while not self._closed:
+                now = time.monotonic()
+                ready = [i for i in self._items if i.not_before <= now]
+                if ready:
+                    self._items.remove(ready[0])
+                    return ready[0]
+                wait = min((i.not_before - now for i in self._items), default=None)
+                self._lock.wait(timeout=wait)
+            return None
+
+    def _loop(self) -> None:
+        while (item := self._next_item()) is not None:
+            try:
+                self._run(item)
+            except Exception:  # noqa: BLE001 - the loop must survive anything a job does
+                logger.exception("embedded worker: unexpected error around job %s", item.job_id)
+
+    def _run(self, item: _Item) -> None:
+        with self._lock:
+            proj = self._projects[item.project_id]
+            waiting = proj.pending.get(item.kind)
+            if waiting is not None and waiting != item.job_id:
+                self.jobs["superseded"] += 1
+                return
+            proj.pending.pop(item.kind, None)
+            proj.running = item.job_id
+            events = proj.events[item.kind]
+            task_ids: tuple[int, ...] = ()
+            if item.kind != ROUND:
+                task_ids = tuple(sorted(proj.task_ids))
+                proj.task_ids.clear()
+        ctx = JobContext(item.kind, item.project_id, item.job_id, events, task_ids, None, "embedded", self.store)
+        token = set_current_job(ctx)
+        started = time.time()
+        try:
+            target = resolve(self.targets[item.kind])
+            if item.kind == ROUND:
+                target(item.project_id)
+            else:
+                target(item.project_id, list(task_ids))
+        except Exception as exc:  # noqa: BLE001 - reported below and retried
+            will_retry = item.attempt < self.retries
+            outcome = "retrying" if will_retry else "failed"
+            with self._lock:
+                proj.running = None
+                proj.task_ids.update(task_ids)
+                self.jobs[outcome] += 1
+                if will_retry and item.kind not in proj.pending:
+                    proj.pending[item.kind] = item.job_id
+                    delay = self.backoff[min(item.attempt, len(self.backoff) - 1)]
+                    self._items.append(
+                        _Item(item.kind, item.project_id, item.job_id, time.monotonic() + delay, item.attempt + 1)
+                    )
+                    self._lock.notify_all()
+            logger.error("project %s: %s job %s %s: %r", item.project_id, item.kind, item.job_id, outcome, exc,
+                         exc_info=True)
+            record_job_outcome(item.project_id, item.kind, item.job_id, outcome, error=traceback.format_exc(),
+                               store=self.store, attempt=item.attempt + 1)
+            return
+        finally:
+            reset_current_job(token)
+        with self._lock:
+            proj.running = None
+            self.jobs["succeeded"] += 1
+        record_job_outcome(item.project_id, item.kind, item.job_id, "succeeded", store=self.store,
+                           seconds=round(time.time() - started, 3))
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            projects = {
+                pid: {
+                    **{f"pend_{k}": v for k, v in p.pending.items()},
+                    **({"run_id": p.running} if p.running else {}),
+                    **{f"events_{k}": str(v) for k, v in p.events.items()},
+                    **{k: str(v) for k, v in p.counters.items()},
+                }
+                for pid, p in self._projects.items()
+            }
+            queued = len(self._items)
+            running = sum(1 for p in self._projects.values() if p.running)
+            jobs = {"queued": queued, "started": running, **self.jobs}
+        return {"mode": "embedded", "queue": "embedded", "queue_depth": queued, "jobs": jobs, "projects": projects}
+
+    def idle(self) -> bool:
+        """No job queued or running (tests and shutdown use it)."""
+        with self._lock:
+            return not self._items and not any(p.running for p in self._projects.values())
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()

@@ -1,0 +1,329 @@
+"""The backend's configuration, read once from the environment and validated up front.
+
+Every bad value raises :class:`SettingsError` naming the variable, the value (never for secrets) and the
+fix, so a misconfigured deployment fails at start instead of on the first webhook. Secrets
+(``LABEL_STUDIO_API_KEY``, ``BASIC_AUTH_PASS``, the password in ``REDIS_URL``, tokens persisted from
+``/setup``) never appear in ``repr`` or logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+# Kept in sync with isal_backend.models.backbones.BACKBONES and isal_backend.strategies.STRATEGIES
+# (tests/test_settings.py checks it); copied so that reading settings never imports torch.
+KNOWN_BACKBONES = ("small-cnn", "resnet18", "resnet18-cifar", "efficientnet-lite0")
+KNOWN_STRATEGIES = ("isal", "isal-paper", "random", "entropy", "margin", "least-confidence", "coreset")
+TRAIN_MODES = ("head", "finetune")
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+SECRET_FIELDS = frozenset({"label_studio_api_key", "basic_auth_pass"})
+MASK = "***"
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or invalid; the message says which variable and how to fix it."""
+
+
+def mask_url_password(url: str | None) -> str | None:
+    """``redis://:pw@host/0`` -> ``redis://:***@host/0`` so URLs can be logged."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:{MASK}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration; build it with :meth:`from_env`."""
+
+    label_studio_url: str | None = None
+    label_studio_api_key: str | None = field(default=None, repr=False)
+    redis_url: str | None = None
+    model_dir: Path = Path("./models")
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = field(default=None, repr=False)
+    write_top_m: int = 1000
+    backbone: str = "efficientnet-lite0"
+    top_k: int = 1
+    holdout_fraction: float = 0.2
+    strategy: str = "isal"
+    train_mode: str = "head"
+    device: str = "cpu"
+    log_level: str = "INFO"
+    rq_queue: str = "isal"
+    # Queue plumbing (not in the README's user-facing list; tests and operators may override them).
+    redis_prefix: str = "isal"
+    round_job: str = "isal_backend.jobs.round.run_round"
+    score_job: str = "isal_backend.jobs.round.score_new_tasks"
+    lease_seconds: float = 30.0
+    job_retries: int = 3
+    retry_backoff: tuple[int, ...] = (10, 60, 300)
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in SECRET_FIELDS and value is not None:
+                value = MASK
+            elif f.name == "redis_url":
+                value = mask_url_password(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    __str__ = __repr__
+
+    @property
+    def basic_auth_enabled(self) -> bool:
+        return self.basic_auth_user is not None
+
+    @property
+    def embedded(self) -> bool:
+        """No REDIS_URL: jobs run on a thread inside the server process."""
+        return self.redis_url is None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every variable; raise :class:`SettingsError` on the first bad one."""
+        env = os.environ if env is None else env
+        r = _Reader(env)
+        user = r.optional_str("BASIC_AUTH_USER")
+        password = r.optional_str("BASIC_AUTH_PASS", secret=True)
+        if (user is None) != (password is None):
+            missing = "BASIC_AUTH_PASS" if password is None else "BASIC_AUTH_USER"
+            raise SettingsError(
+                f"{missing} is not set but {'BASIC_AUTH_USER' if password is None else 'BASIC_AUTH_PASS'} is: "
+                "set both BASIC_AUTH_USER and BASIC_AUTH_PASS to enable basic auth, or neither to disable it"
+            )
+        return cls(
+            label_studio_url=r.http_url("LABEL_STUDIO_URL"),
+            label_studio_api_key=r.optional_str("LABEL_STUDIO_API_KEY", secret=True),
+            redis_url=r.redis_url("REDIS_URL"),
+            model_dir=Path(r.optional_str("MODEL_DIR") or "./models"),
+            basic_auth_user=user,
+            basic_auth_pass=password,
+            write_top_m=r.integer("ISAL_WRITE_TOP_M", 1000, minimum=0, hint="0 writes every task"),
+            backbone=r.choice("ISAL_BACKBONE", "efficientnet-lite0", KNOWN_BACKBONES),
+            top_k=r.integer("ISAL_TOP_K", 1, minimum=1),
+            holdout_fraction=r.fraction("ISAL_HOLDOUT_FRACTION", 0.2),
+            strategy=r.choice("ISAL_STRATEGY", "isal", KNOWN_STRATEGIES),
+            train_mode=r.choice("ISAL_TRAIN_MODE", "head", TRAIN_MODES),
+            device=r.device("ISAL_DEVICE", "cpu"),
+            log_level=r.choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
+            rq_queue=r.name("RQ_QUEUE", "isal"),
+            redis_prefix=r.name("ISAL_REDIS_PREFIX", "isal"),
+            round_job=r.dotted("ISAL_ROUND_JOB", "isal_backend.jobs.round.run_round"),
+            score_job=r.dotted("ISAL_SCORE_JOB", "isal_backend.jobs.round.score_new_tasks"),
+            lease_seconds=r.positive_float("ISAL_LEASE_SECONDS", 30.0),
+            job_retries=r.integer("ISAL_JOB_RETRIES", 3, minimum=0),
+            retry_backoff=r.int_list("ISAL_RETRY_BACKOFF", (10, 60, 300)),
+        )
+
+
+class _Reader:
+    """Per-type parsing with uniform error messages."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def _raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    @staticmethod
+    def _fail(name: str, value: str, problem: str, fix: str, secret: bool = False) -> SettingsError:
+        shown = "(value hidden)" if secret else repr(value)
+        return SettingsError(f"{name}={shown} {problem}: {fix}")
+
+    def optional_str(self, name: str, secret: bool = False) -> str | None:
+        value = self._raw(name)
+        if value is not None and any(c in value for c in "\r\n\0"):
+            raise self._fail(name, value, "contains a line break or NUL", "remove it", secret)
+        return value
+
+    def http_url(self, name: str) -> str | None:
+        value = self._raw(name)
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise self._fail(name, value, "is not an http(s) URL", f"set it like {name}=http://localhost:8080")
+        return value.rstrip("/")
+
+    def redis_url(self, name: str) -> str | None:
+        value = self._raw(name)
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix") or (parts.scheme != "unix" and not parts.hostname):
+            raise self._fail(
+                name, mask_url_password(value) or "", "is not a Redis URL",
+                f"set it like {name}=redis://127.0.0.1:6379/0, or unset it to run jobs in the server process",
+            )
+        return value
+
+    def integer(self, name: str, default: int, minimum: int, hint: str = "") -> int:
+        value = self._raw(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or number < minimum:
+            extra = f" ({hint})" if hint else ""
+            raise self._fail(name, value, f"is not an integer >= {minimum}", f"set it to e.g. {default}{extra}")
+        return number
+
+    def positive_float(self, name: str, default: float) -> float:
+        value = self._raw(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not number > 0 or number == float("inf"):
+            raise self._fail(name, value, "is not a positive number of seconds", f"set it to e.g. {default:g}")
+        return number
+
+    def fraction(self, name: str, default: float) -> float:
+        value = self._raw(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not 0.0 <= number < 1.0:
+            raise self._fail(name, value, "is not a fraction in [0, 1)", f"set it to e.g. {default}")
+        return number
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...], upper: bool = False) -> str:
+        value = self._raw(name)
+        if value is None:
+            return default
+        normal = value.upper() if upper else value.lower()
+        if normal not in choices:
+            raise self._fail(name, value, "is not a known value", f"choose one of {', '.join(choices)}")
+        return normal
+
+    def device(self, name: str, default: str) -> str:
+        value = self._raw(name)
+        if value is None:
+            return default
+        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", value.lower()):
+            raise self._fail(name, value, "is not a torch device", "set it to cpu, cuda, cuda:N or mps")
+        return value.lower()
+
+    def name(self, name: str, default: str) -> str:
+        value = self._raw(name)
+        if value is None:
+            return default
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", value):
+            raise self._fail(name, value, "is not a plain name", "use 1-64 letters, digits, '_', '-' or '.'")
+        return value
+
+    def dotted(self, name: str, default: str) -> str:
+        value = self._raw(name)
+        if value is None:
+            return default
+        if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", value):
+            raise self._fail(name, value, "is not a dotted path to a function", f"set it like {default}")
+        return value
+
+    def int_list(self, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+        value = self._raw(name)
+        if value is None:
+            return default
+        try:
+            numbers = tuple(int(v) for v in value.split(","))
+        except ValueError:
+            numbers = ()
+        if not numbers or any(n < 0 for n in numbers):
+            raise self._fail(
+                name, value, "is not a comma-separated list of seconds", f"set it like {','.join(map(str, default))}"
+            )
+        return numbers
+
+
+# --------------------------------------------------------------------------------------------------
+# Label Studio credentials: from the environment, else the ones /setup received (persisted 0600).
+
+
+@dataclass(frozen=True)
+class LabelStudioCredentials:
+    """Where and how a job reaches Label Studio; ``api_key`` is masked in repr."""
+
+    url: str
+    api_key: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"LabelStudioCredentials(url={self.url!r}, api_key={MASK})"
+
+
+def _credentials_path(settings: Settings, project_id: int) -> Path:
+    return Path(settings.model_dir) / "projects" / str(int(project_id)) / "credentials.json"
+
+
+def save_project_credentials(settings: Settings, project_id: int, hostname: str, access_token: str) -> Path:
+    """Persist /setup's hostname and token for the project's jobs, readable by this user only (0600)."""
+    path = _credentials_path(settings, project_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".credentials-")  # mkstemp creates it 0600
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump({"hostname": hostname, "access_token": access_token}, out)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def project_credentials(settings: Settings, project_id: int) -> LabelStudioCredentials:
+    """LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY when set, else what /setup stored for this project."""
+    url, key = settings.label_studio_url, settings.label_studio_api_key
+    if url is None or key is None:
+        path = _credentials_path(settings, project_id)
+        try:
+            stored = json.loads(path.read_text())
+        except FileNotFoundError:
+            stored = {}
+        url = url or (stored.get("hostname") or None)
+        key = key or (stored.get("access_token") or None)
+    if not url:
+        raise SettingsError(
+            f"LABEL_STUDIO_URL is not set and project {project_id} has no stored hostname: set LABEL_STUDIO_URL "
+            "or connect the backend to the project in Label Studio (its /setup call stores it)"
+        )
+    if not key:
+        raise SettingsError(
+            f"LABEL_STUDIO_API_KEY is not set and project {project_id} has no stored access token: set "
+            "LABEL_STUDIO_API_KEY or connect the backend to the project in Label Studio (its /setup call stores it)"
+        )
+    return LabelStudioCredentials(url=url.rstrip("/"), api_key=key)
+
+
+def configure_logging(settings: Settings) -> None:
+    """Root logging at LOG_LEVEL, once; leaves an already configured root alone."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    else:
+        root.setLevel(settings.log_level)

@@ -1,0 +1,91 @@
+"""Embedded mode (no REDIS_URL): the same coalescing semantics on a thread inside the server process."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from isal_backend.bench.webhook_latency import measure_webhook_latency
+from isal_backend.queue import ROUND
+from isal_backend.queue.embedded import EmbeddedCoalescer
+from isal_backend.status import StatusStore
+from tests.jobs_for_tests import Harness
+
+pytestmark = pytest.mark.redis  # the test jobs record what they saw in the real Redis
+
+
+@pytest.fixture
+def harness(tmp_path):
+    h = Harness(str(tmp_path))
+    del h.env["REDIS_URL"]
+    yield h
+    h.stop()
+
+
+def _status(url: str, project: int) -> dict:
+    with urllib.request.urlopen(f"{url}/status/{project}", timeout=5) as r:
+        return json.load(r)
+
+
+def test_embedded_burst_under_gunicorn_loses_nothing(harness, record_property):
+    h = harness
+    h.env["ISAL_TEST_JOB_SLEEP"] = "0.5"
+    url = h.start_gunicorn(workers=1, threads=16)
+    figures = measure_webhook_latency(f"{url}/webhook", n_events=300, concurrency=100, projects=(1, 2, 3))
+    print(f"\nwebhook latency, embedded mode, 300 events, 100 in flight: {json.dumps(figures)}")
+    record_property("webhook_latency_embedded", json.dumps(figures))
+    assert figures["errors"] == 0 and figures["p99_ms"] < 1000
+
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        states = [_status(url, p)["queue"] for p in (1, 2, 3)]
+        if all(s["running"] is None and not any(s["waiting"].values()) for s in states):
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError(f"embedded queue still busy: {states}")
+    ends = [r for r in h.records() if r["event"] == "end"]
+    assert len({r["job_id"] for r in ends}) == len(ends)
+    for project, n_events in ((1, 100), (2, 100), (3, 100)):
+        runs = sorted((r for r in ends if r["project"] == project), key=lambda r: r["ended"])
+        assert runs and runs[-1]["events_seen"] == n_events
+        assert all(r["concurrent"] == 1 for r in runs)
+        assert len(runs) <= min(n_events, int(figures["wall_s"] / 0.5) * 3 + 4)
+        assert _status(url, project)["last_job"]["outcome"] == "succeeded"
+
+
+def test_embedded_crash_is_retried_then_reported(tmp_path):
+    h = Harness(str(tmp_path))
+    try:
+        co = EmbeddedCoalescer(
+            targets={ROUND: "tests.jobs_for_tests.crash_round", "score": "tests.jobs_for_tests.noop_scoring"},
+            status_folder=Path(tmp_path) / "status", retries=2, backoff=(0,),
+        )
+        os.environ["ISAL_TEST_RECORD_URL"] = h.env["ISAL_TEST_RECORD_URL"]
+        os.environ["ISAL_TEST_RECORD_KEY"] = h.env["ISAL_TEST_RECORD_KEY"]
+        sub = co.submit(ROUND, 4)
+        deadline = time.time() + 30
+        while not co.idle() and time.time() < deadline:
+            time.sleep(0.05)
+        crashes = [r for r in h.records() if r["event"] == "crash"]
+        assert [r["job_id"] for r in crashes] == [sub.job_id] * 3
+        store = StatusStore(redis=None, prefix="", folder=Path(tmp_path) / "status")
+        status = _read(store, 4)
+        assert status["last_failure"]["outcome"] == "failed" and status["last_failure"]["attempt"] == 3
+        snap = co.snapshot()
+        assert snap["jobs"]["failed"] == 1 and snap["jobs"]["retrying"] == 2
+        assert "pend_round" not in snap["projects"][4] and "run_id" not in snap["projects"][4]
+        co.close()
+    finally:
+        for key in ("ISAL_TEST_RECORD_URL", "ISAL_TEST_RECORD_KEY"):
+            os.environ.pop(key, None)
+        h.stop()
+
+
+def _read(store: StatusStore, project: int) -> dict:
+    return json.loads((store.folder / f"project-{project}.json").read_text())

@@ -1,0 +1,123 @@
+"""/webhook validation against every real Label Studio body, and malformed bodies -> 400 with a message."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from isal_backend.server import create_app
+from isal_backend.settings import Settings
+
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "label-studio-samples"
+EXPECTED = {  # action -> (HTTP status, job kinds enqueued)
+    "ANNOTATION_CREATED": (201, ["round"]),
+    "ANNOTATION_UPDATED": (201, ["round"]),
+    "ANNOTATIONS_DELETED": (201, ["round"]),
+    "START_TRAINING": (201, ["round"]),
+    "TASKS_CREATED": (201, ["score"]),
+    "PROJECT_UPDATED": (200, []),
+}
+
+
+def sample(name: str) -> dict:
+    return json.loads((SAMPLES / f"ml_webhook_{name}.json").read_text())["request_body"]
+
+
+@pytest.fixture
+def client(tmp_path):
+    settings = Settings(model_dir=tmp_path, round_job="tests.jobs_for_tests.noop_round",
+                        score_job="tests.jobs_for_tests.noop_scoring")
+    app = create_app(settings)
+    yield app.test_client()
+    app.config["ISAL_STATE"].coalescer.close()
+
+
+@pytest.mark.parametrize("action", sorted(EXPECTED))
+def test_every_real_label_studio_body_is_accepted(client, action):
+    body = sample(action)
+    r = client.post("/webhook", json=body)
+    status, kinds = EXPECTED[action]
+    assert r.status_code == status, r.get_json()
+    data = r.get_json()
+    assert data["action"] == action and data["project"] == 1
+    assert [j["kind"] for j in data.get("jobs", [])] == kinds
+    if kinds:
+        assert data["job_id"].startswith(f"{kinds[0]}-1-") and len(data["job_id"]) > 32
+
+
+def test_second_event_is_absorbed_by_the_waiting_job(client):
+    # the noop job may already have started; either way the reply names one job per state
+    first = client.post("/webhook", json=sample("ANNOTATION_CREATED")).get_json()
+    second = client.post("/webhook", json=sample("ANNOTATION_UPDATED")).get_json()
+    assert first["status"] == "enqueued"
+    assert second["status"] in ("absorbed", "enqueued")
+    if second["status"] == "absorbed":
+        assert second["job_id"] == first["job_id"]
+
+
+def test_tasks_imported_with_annotations_also_retrain(client):
+    body = sample("TASKS_CREATED")
+    body["tasks"][0]["total_annotations"] = 1
+    data = client.post("/webhook", json=body).get_json()
+    assert sorted(j["kind"] for j in data["jobs"]) == ["round", "score"]
+
+
+def _mutate(name: str, fn) -> dict:
+    body = copy.deepcopy(sample(name))
+    fn(body)
+    return body
+
+
+BAD = [
+    ("not json", b"{not json", "JSON object"),
+    ("json list", b"[1, 2]", "JSON object"),
+    ("no action", json.dumps({"project": {"id": 1}}).encode(), "'action'"),
+    ("unknown action", json.dumps({"action": "ANNOTATION_DELETED", "project": {"id": 1}}).encode(), "unknown action"),
+    ("action not str", json.dumps({"action": 5, "project": {"id": 1}}).encode(), "'action'"),
+]
+
+
+@pytest.mark.parametrize(("label", "raw", "needle"), BAD, ids=[b[0] for b in BAD])
+def test_malformed_bodies_are_400_with_a_message(client, label, raw, needle):
+    r = client.post("/webhook", data=raw, content_type="application/json")
+    assert r.status_code == 400
+    assert needle in r.get_json()["error"]
+
+
+BAD_FIELDS = [
+    ("ANNOTATION_CREATED", lambda b: b.pop("project"), "'project'"),
+    ("ANNOTATION_CREATED", lambda b: b["project"].update(id="1"), "positive integer"),
+    ("ANNOTATION_CREATED", lambda b: b["project"].update(id=True), "positive integer"),
+    ("ANNOTATION_CREATED", lambda b: b["project"].update(id=0), "positive integer"),
+    ("ANNOTATION_CREATED", lambda b: b.pop("annotation"), "'annotation'"),
+    ("ANNOTATION_UPDATED", lambda b: b["annotation"].update(id=None), "annotation"),
+    ("ANNOTATION_UPDATED", lambda b: b.pop("task"), "'task'"),
+    ("ANNOTATION_CREATED", lambda b: b["annotation"].update(project=2), "differs"),
+    ("ANNOTATION_CREATED", lambda b: b["annotation"].update(task=99), "differs"),
+    ("ANNOTATIONS_DELETED", lambda b: b.pop("annotations"), "'annotations'"),
+    ("ANNOTATIONS_DELETED", lambda b: b.update(annotations=[]), "non-empty"),
+    ("ANNOTATIONS_DELETED", lambda b: b.update(annotations=[7]), "annotations[0]"),
+    ("TASKS_CREATED", lambda b: b.update(tasks={"id": 1}), "'tasks'"),
+    ("TASKS_CREATED", lambda b: b["tasks"][0].update(id="x"), "tasks[0]"),
+    ("START_TRAINING", lambda b: b.update(project=1), "'project'"),
+    ("PROJECT_UPDATED", lambda b: b.update(project=None), "'project'"),
+]
+
+
+@pytest.mark.parametrize(("action", "mutate", "needle"), BAD_FIELDS)
+def test_missing_or_wrong_fields_are_400_naming_the_field(client, action, mutate, needle):
+    r = client.post("/webhook", json=_mutate(action, mutate))
+    assert r.status_code == 400, r.get_json()
+    assert needle in r.get_json()["error"]
+    assert action in r.get_json()["error"] or needle == "'project'"
+
+
+def test_wrong_method_and_unknown_route_answer_json(client):
+    assert client.get("/webhook").status_code == 405
+    r = client.get("/no-such-route")
+    assert r.status_code == 404 and "error" in r.get_json()
+    r = client.post("/train", json={})
+    assert r.status_code == 410 and "START_TRAINING" in r.get_json()["error"]

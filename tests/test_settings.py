@@ -1,0 +1,116 @@
+"""Settings.from_env: defaults, parsing, and an error naming variable, value (never a secret) and fix."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from isal_backend.settings import (
+    KNOWN_BACKBONES,
+    KNOWN_STRATEGIES,
+    Settings,
+    SettingsError,
+    project_credentials,
+    save_project_credentials,
+)
+
+
+def test_defaults():
+    s = Settings.from_env({})
+    assert (s.label_studio_url, s.label_studio_api_key, s.redis_url) == (None, None, None)
+    assert s.embedded and not s.basic_auth_enabled
+    assert s.model_dir == Path("./models") and s.write_top_m == 1000 and s.backbone == "efficientnet-lite0"
+    assert (s.top_k, s.holdout_fraction, s.strategy, s.train_mode, s.device) == (1, 0.2, "isal", "head", "cpu")
+    assert (s.log_level, s.rq_queue) == ("INFO", "isal")
+    assert s.round_job == "isal_backend.jobs.round.run_round"
+    assert s.score_job == "isal_backend.jobs.round.score_new_tasks"
+
+
+def test_every_variable_is_read():
+    s = Settings.from_env({
+        "LABEL_STUDIO_URL": "https://ls.example.com/", "LABEL_STUDIO_API_KEY": "k", "REDIS_URL": "redis://r:6379/2",
+        "MODEL_DIR": "/data/m", "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "p", "ISAL_WRITE_TOP_M": "0",
+        "ISAL_BACKBONE": "resnet18", "ISAL_TOP_K": "3", "ISAL_HOLDOUT_FRACTION": "0", "ISAL_STRATEGY": "margin",
+        "ISAL_TRAIN_MODE": "finetune", "ISAL_DEVICE": "cuda:1", "LOG_LEVEL": "debug", "RQ_QUEUE": "q1",
+        "ISAL_LEASE_SECONDS": "2.5", "ISAL_JOB_RETRIES": "0", "ISAL_RETRY_BACKOFF": "1,2",
+    })
+    assert s.label_studio_url == "https://ls.example.com" and s.redis_url == "redis://r:6379/2" and not s.embedded
+    assert s.model_dir == Path("/data/m") and s.basic_auth_enabled and s.write_top_m == 0
+    assert (s.backbone, s.top_k, s.holdout_fraction, s.strategy) == ("resnet18", 3, 0.0, "margin")
+    assert (s.train_mode, s.device, s.log_level, s.rq_queue) == ("finetune", "cuda:1", "DEBUG", "q1")
+    assert (s.lease_seconds, s.job_retries, s.retry_backoff) == (2.5, 0, (1, 2))
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fix"),
+    [
+        ("LABEL_STUDIO_URL", "localhost:8080", "http://"),
+        ("REDIS_URL", "127.0.0.1:6379", "redis://"),
+        ("ISAL_WRITE_TOP_M", "-1", "0 writes every task"),
+        ("ISAL_WRITE_TOP_M", "many", "e.g. 1000"),
+        ("ISAL_BACKBONE", "vgg", "efficientnet-lite0"),
+        ("ISAL_TOP_K", "0", ">= 1"),
+        ("ISAL_HOLDOUT_FRACTION", "1.5", "[0, 1)"),
+        ("ISAL_HOLDOUT_FRACTION", "abc", "[0, 1)"),
+        ("ISAL_STRATEGY", "best", "isal"),
+        ("ISAL_TRAIN_MODE", "full", "head, finetune"),
+        ("ISAL_DEVICE", "gpu", "cuda"),
+        ("LOG_LEVEL", "LOUD", "DEBUG"),
+        ("RQ_QUEUE", "a queue", "letters"),
+        ("ISAL_ROUND_JOB", "run_round", "dotted path"),
+        ("ISAL_LEASE_SECONDS", "0", "positive"),
+        ("ISAL_RETRY_BACKOFF", "1,x", "comma-separated"),
+    ],
+)
+def test_bad_values_name_variable_value_and_fix(name, value, fix):
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({name: value})
+    message = str(err.value)
+    assert name in message and repr(value) in message and fix in message
+
+
+def test_settings_error_is_a_value_error_for_the_cli():
+    assert issubclass(SettingsError, ValueError)
+
+
+def test_secrets_never_in_errors_or_repr():
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"BASIC_AUTH_PASS": "hunter2\nx", "BASIC_AUTH_USER": "u"})
+    assert "hunter2" not in str(err.value) and "BASIC_AUTH_PASS" in str(err.value)
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"REDIS_URL": "http://:redispw@host:6379"})
+    assert "redispw" not in str(err.value)
+    s = Settings.from_env({"LABEL_STUDIO_API_KEY": "key-123", "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "pw-456",
+                           "REDIS_URL": "redis://:redispw@host:6379/0"})
+    for text in (repr(s), str(s), f"{s}"):
+        assert "key-123" not in text and "pw-456" not in text and "redispw" not in text and "***" in text
+
+
+@pytest.mark.parametrize("given", ["BASIC_AUTH_USER", "BASIC_AUTH_PASS"])
+def test_basic_auth_needs_both_or_neither(given):
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({given: "x"})
+    assert "BASIC_AUTH_USER" in str(err.value) and "BASIC_AUTH_PASS" in str(err.value) and "both" in str(err.value)
+
+
+def test_known_lists_match_the_engine():
+    from isal_backend.models.backbones import BACKBONES
+    from isal_backend.strategies import STRATEGIES
+
+    assert set(KNOWN_BACKBONES) == set(BACKBONES)
+    assert set(KNOWN_STRATEGIES) == set(STRATEGIES)
+
+
+def test_project_credentials_env_first_then_setup_file(tmp_path):
+    s = Settings.from_env({"MODEL_DIR": str(tmp_path)})
+    with pytest.raises(SettingsError, match="LABEL_STUDIO_URL"):
+        project_credentials(s, 5)
+    path = save_project_credentials(s, 5, "http://ls:8080/", "tok-5")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    creds = project_credentials(s, 5)
+    assert (creds.url, creds.api_key) == ("http://ls:8080", "tok-5") and "tok-5" not in repr(creds)
+    env = {"MODEL_DIR": str(tmp_path), "LABEL_STUDIO_URL": "http://other", "LABEL_STUDIO_API_KEY": "k"}
+    s2 = Settings.from_env(env)
+    assert project_credentials(s2, 5).api_key == "k" and project_credentials(s2, 5).url == "http://other"
