@@ -1,0 +1,112 @@
+"""Convert between Label Studio annotations/predictions and plain labels, and map influence ranks to LS scores."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from isal_backend.labelstudio.config import ClassificationConfig
+
+
+class AnnotationSkipped(ValueError):
+    """An annotation (or task) gives no usable training label; `reason` says why, for the caller to report."""
+
+    def __init__(self, reason: str, annotation_id: Any = None, task_id: Any = None) -> None:
+        self.reason = reason
+        self.annotation_id = annotation_id
+        self.task_id = task_id
+        where = ", ".join(f"{k} {v}" for k, v in (("task", task_id), ("annotation", annotation_id)) if v is not None)
+        super().__init__(f"{where}: {reason}" if where else reason)
+
+
+def annotation_label(annotation: Mapping[str, Any], config: ClassificationConfig) -> str:
+    """Return the single class label of `annotation`, or raise AnnotationSkipped with the reason."""
+    ann_id, task_id = annotation.get("id"), annotation.get("task")
+    if annotation.get("was_cancelled"):
+        raise AnnotationSkipped("annotation was cancelled (skipped by the annotator)", ann_id, task_id)
+    result = annotation.get("result") or []
+    if not result:
+        raise AnnotationSkipped("annotation result is empty", ann_id, task_id)
+    ours = [r for r in result if isinstance(r, Mapping) and r.get("from_name") == config.choices_name]
+    if not ours:
+        names = sorted({str(r.get("from_name")) for r in result if isinstance(r, Mapping)})
+        raise AnnotationSkipped(
+            f"result has no item from <Choices name=\"{config.choices_name}\"> (found from_name {names})",
+            ann_id, task_id)
+    chosen: list[str] = []
+    for item in ours:
+        value = item.get("value")
+        choices = value.get("choices") if isinstance(value, Mapping) else None
+        if not isinstance(choices, list):
+            raise AnnotationSkipped(f"result item has no list of choices: {item!r:.200}", ann_id, task_id)
+        chosen.extend(str(c) for c in choices)
+    if len(chosen) != 1:
+        raise AnnotationSkipped(f"expected exactly one choice, got {chosen}", ann_id, task_id)
+    label = chosen[0]
+    if label not in config.labels:
+        raise AnnotationSkipped(f"label {label!r} is not in the label config {config.labels}", ann_id, task_id)
+    return label
+
+
+def _recency(annotation: Mapping[str, Any]) -> tuple[str, str, int]:
+    # ISO-8601 UTC timestamps from LS sort correctly as strings; the id breaks ties (it grows with creation).
+    ann_id = annotation.get("id")
+    return (str(annotation.get("updated_at") or ""), str(annotation.get("created_at") or ""),
+            ann_id if isinstance(ann_id, int) else -1)
+
+
+def task_label(task: Mapping[str, Any], config: ClassificationConfig) -> str:
+    """Label of the task's latest non-cancelled annotation (the annotator's last word), or AnnotationSkipped.
+
+    An unusable latest annotation is NOT replaced by an older one: the newer one supersedes it.
+    """
+    task_id = task.get("id")
+    annotations = [a for a in task.get("annotations") or [] if isinstance(a, Mapping)]
+    if not annotations:
+        raise AnnotationSkipped("task has no annotations", task_id=task_id)
+    live = [a for a in annotations if not a.get("was_cancelled")]
+    if not live:
+        raise AnnotationSkipped("all annotations of the task were cancelled", task_id=task_id)
+    latest = max(live, key=_recency)
+    annotation = dict(latest)
+    annotation.setdefault("task", task_id)
+    return annotation_label(annotation, config)
+
+
+def prediction_result(config: ClassificationConfig, label: str) -> list[dict[str, Any]]:
+    """The LS `result` of a pre-label choosing `label` (the shape ml_predict.json shows)."""
+    if label not in config.labels:
+        raise ValueError(f"label {label!r} is not in the label config {config.labels}")
+    return [{"from_name": config.choices_name, "to_name": config.image_name, "type": "choices",
+             "value": {"choices": [label]}}]
+
+
+def rank_scores(n: int) -> list[float]:
+    """Scores for influence ranks 0..n-1 (0 = most valuable): strictly increasing, all within [0, 1].
+
+    LS "Uncertainty sampling" serves the LOWEST score first, and silently drops predictions whose score is
+    outside [0, 1], so rank r maps to r / (n - 1): 0.0 for the best task, 1.0 for the last.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if n == 1:
+        return [0.0]
+    return [r / (n - 1) for r in range(n)]
+
+
+def build_predictions(config: ClassificationConfig | None, model_version: str,
+                      ranked: Sequence[tuple[int, str | None]] | Iterable[tuple[int, str | None]]
+                      ) -> list[dict[str, Any]]:
+    """Predictions for one scoring round: `ranked` is (task_id, pre-label or None), most valuable first.
+
+    A None label (or no config) gives `result: []`, which LS accepts: the prediction then only orders the stream.
+    """
+    if not model_version:
+        raise ValueError("model_version must be a non-empty string")
+    items = list(ranked)
+    scores = rank_scores(len(items))
+    out = []
+    for (task_id, label), score in zip(items, scores, strict=True):
+        result = prediction_result(config, label) if (label is not None and config is not None) else []
+        out.append({"task": int(task_id), "model_version": model_version, "score": score, "result": result})
+    return out
