@@ -31,17 +31,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from isal_backend.influence import LinearHead, check_top_k, fit_linear_head
+from isal_backend.influence import PAPER_LISSA, LinearHead, check_top_k, fit_linear_head
 from isal_backend.labelstudio.client import LabelStudioClient
 from isal_backend.labelstudio.config import ClassificationConfig, parse_label_config
-from isal_backend.labelstudio.convert import prediction_result, rank_scores, task_label
+from isal_backend.labelstudio.convert import AnnotationSkipped, build_predictions, prediction_result, task_label
 from isal_backend.labelstudio.images import decode_image
 from isal_backend.models.featurizer import Featurizer
 from isal_backend.settings import Settings, project_credentials
 from isal_backend.status import record_round
 from isal_backend.store import ModelStore, RoundState
-from isal_backend.strategies import CoresetStrategy, IsalStrategy, NotEnoughLabels, PoolState, get_strategy
-from isal_backend.strategies.isal import InfluenceUnit, balanced_order, holdout_split, score_units
+from isal_backend.strategies import CoresetStrategy, NotEnoughLabels, PoolState, get_strategy
+from isal_backend.strategies.isal import InfluenceUnit, balanced_order, fit_unit, holdout_split
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,8 @@ def split_tasks(tasks: list[dict[str, Any]], config: ClassificationConfig) -> Pr
             continue
         try:
             label = task_label(task, config)
-        except ValueError as exc:
-            data.skipped.append({"task": task.get("id"), "reason": str(exc)})
-            continue
-        if label is None:  # only cancelled (skipped) annotations: neither trained on nor served again
+        except AnnotationSkipped as exc:  # neither trained on nor served again; reported in the round
+            data.skipped.append({"task": task.get("id"), "reason": exc.reason})
             continue
         data.labeled.append((task, index[label]))
     return data
@@ -168,17 +166,11 @@ class Round:
         self._timed("train_and_score_seconds", start)
 
         start = time.perf_counter()
-        predicted = head.probs(pool_x.to(head.weight.dtype)).argmax(dim=1) if head is not None and len(pool_x) else None
-        scores = rank_scores(len(order))
-        predictions = []
-        for rank, idx in enumerate(order):
-            label = config.labels[int(predicted[idx])] if predicted is not None else None
-            predictions.append({
-                "task": pool_tasks[idx]["id"],
-                "result": prediction_result(config, label) if label is not None else [],
-                "score": scores[rank],
-                "model_version": round_id,
-            })
+        predicted = head.probs(pool_x.to(head.weight.dtype)).argmax(dim=1) if head is not None else None
+        ranked = [
+            (pool_tasks[i]["id"], config.labels[int(predicted[i])] if predicted is not None else None) for i in order
+        ]
+        predictions = build_predictions(config, round_id, ranked)
         if predictions:
             self.client.import_predictions(self.project_id, predictions)
             self.client.set_ordering(self.project_id, round_id)
@@ -187,6 +179,8 @@ class Round:
         if pool_scores is not None:
             tensors["pool_scores_sorted"] = torch.sort(pool_scores.double()).values
         report.update({
+            "model_version": round_id,
+            "tasks_scored": len(pool_tasks),
             "written": len(predictions),
             "top_tasks": [pool_tasks[i]["id"] for i in order[:20]],
             "skipped": data.skipped,
@@ -194,6 +188,7 @@ class Round:
         })
         self._timed("total_seconds", start_all)
         report["timings"] = self.timings
+        report["seconds"] = self.timings["total_seconds"]
         self.store.commit(self.project_id, round_id, tensors, report)
         self.store.prune(self.project_id)
         record_round(self.project_id, {k: v for k, v in report.items() if k not in ("skipped", "top_tasks")},
@@ -225,41 +220,49 @@ class Round:
             report["cold_start_reason"] = str(exc)
             return CoresetStrategy().rank(state, count), None, None
 
-        x = state.labeled_features.double()
-        head = fit_linear_head(x[train], state.labeled_labels[train], state.num_classes, WEIGHT_DECAY)
-        accuracy = float((head.probs(x[ref]).argmax(1) == state.labeled_labels[ref]).double().mean())
-        report.update({"validation_accuracy": round(accuracy, 4), "train_size": len(train), "reference_size": len(ref)})
-        tensors["head_weight"] = head.weight
+        x, y = state.labeled_features.double(), state.labeled_labels
+        report.update({"train_size": len(train), "reference_size": len(ref)})
+        if name not in ("isal", "isal-paper"):
+            state.head = head = fit_linear_head(x[train], y[train], state.num_classes, WEIGHT_DECAY,
+                                                init=self.previous_head())
+            self._validate(head, x[ref], y[ref], tensors, report)
+            report["order"] = f"{name} (baseline strategy)"
+            return get_strategy(name).rank(state, count), head, None
 
-        if name in ("isal", "isal-paper"):
-            top_k = min(self.settings.top_k, state.num_classes - 1)
-            check_top_k(top_k, state.num_classes)
-            strategy = IsalStrategy(reference="holdout", holdout_fraction=self.settings.holdout_fraction,
-                                    top_k=top_k, balance="class" if name == "isal" else "none",
-                                    solver="cg" if name == "isal" else "lissa", name=name)
-            units = strategy.fit(state)
-            scores = score_units(units, state.pool_features, top_k)
-            tensors["s_test"] = units[0].s_test
-            tensors["unit_head_weight"] = units[0].head.weight
-            report["top_k"] = top_k
-            report["order"] = f"{name}: influence on a held-out reference set of {len(ref)} labels"
-            report.update({k: v for k, v in state.report.items() if isinstance(v, float | int | str)})
-            if strategy.balance == "class":
-                order = balanced_order(scores, head.probs(state.pool_features.double()).argmax(1), count, state.seed)
-            else:
-                order = np.argsort(scores.numpy(), kind="stable")[:count]
-            return order, head, scores
-        state.head = head
-        report["order"] = f"{name} (baseline strategy)"
-        return get_strategy(name).rank(state, count), head, None
+        top_k = min(self.settings.top_k, state.num_classes - 1)
+        check_top_k(top_k, state.num_classes)
+        # "isal": exact s_test, class-balanced order; "isal-paper": the authors' LiSSA, plain ascending order
+        solver = "cg" if name == "isal" else "lissa"
+        unit, info = fit_unit(state, train, ref, solver, PAPER_LISSA, seed=state.seed, init=self.previous_head())
+        head = unit.head
+        self._validate(head, x[ref], y[ref], tensors, report)
+        scores = unit.score(state.pool_features, top_k)
+        tensors["s_test"] = unit.s_test
+        report.update({"top_k": top_k, "solver": solver, **info})
+        report["order"] = f"{name}: influence on a held-out reference set of {len(ref)} labels"
+        if name == "isal":
+            predicted = head.probs(state.pool_features.double()).argmax(1)
+            return balanced_order(scores, predicted, count, state.seed), head, scores
+        return np.argsort(scores.numpy(), kind="stable")[:count], head, scores
+
+    def previous_head(self) -> LinearHead | None:
+        """The current round's head, to warm-start from (a convex problem: only the speed changes)."""
+        stored = self.store.load(self.project_id)
+        weight = stored.tensors.get("head_weight") if stored is not None else None
+        return LinearHead(weight) if weight is not None else None
+
+    @staticmethod
+    def _validate(head: LinearHead, x: torch.Tensor, y: torch.Tensor, tensors: dict[str, torch.Tensor],
+                  report: dict[str, Any]) -> None:
+        """Accuracy on the held-out reference set, which the head never trained on."""
+        tensors["head_weight"] = head.weight
+        report["validation_accuracy"] = round(float((head.probs(x).argmax(1) == y).double().mean()), 4)
 
 
 def current_scorer(state: RoundState, top_k: int) -> tuple[LinearHead | None, InfluenceUnit | None]:
     """The stored head for pre-labels and the stored influence unit for new tasks' scores."""
     head = LinearHead(state.tensors["head_weight"]) if "head_weight" in state.tensors else None
-    unit = None
-    if "s_test" in state.tensors and "unit_head_weight" in state.tensors:
-        unit = InfluenceUnit(LinearHead(state.tensors["unit_head_weight"]), state.tensors["s_test"])
+    unit = InfluenceUnit(head, state.tensors["s_test"]) if head is not None and "s_test" in state.tensors else None
     return head, unit
 
 

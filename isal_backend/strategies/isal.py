@@ -13,6 +13,10 @@ rest, ``s_test`` by LiSSA with the authors' settings, top-1 expected gradient, a
 * ``balance="class"``: the batch is filled round-robin over the predicted classes of the full
   head (each class taking its own most negative scores), so a batch cannot collapse onto the one
   class a single direction in parameter space favours.
+* ``balance="cluster"`` (alternative): the ``prefilter`` x batch most negative scores are
+  clustered by k-means on their features into one cluster per batch slot and each cluster gives
+  its most negative member (Zhdanov 2019's diverse mini-batch recipe), so a batch cannot pile up
+  near-duplicates of one region even within a class.
 * ``solver="cg"``: exact ``s_test`` (H includes the training weight decay).
 """
 
@@ -103,10 +107,11 @@ def fit_unit(
     solver: str,
     lissa_config: LissaConfig = PAPER_LISSA,
     seed: int = 0,
+    init: LinearHead | None = None,
 ) -> tuple[InfluenceUnit, dict[str, float]]:
-    """Train a head on ``train_idx`` and solve ``s_test`` for the reference set ``ref_idx``."""
+    """Train a head on ``train_idx`` (warm-started from ``init``) and solve ``s_test`` for ``ref_idx``."""
     x, y = state.labeled_features.double(), state.labeled_labels
-    head = fit_linear_head(x[train_idx], y[train_idx], state.num_classes, state.weight_decay)
+    head = fit_linear_head(x[train_idx], y[train_idx], state.num_classes, state.weight_decay, init=init)
     problem = HeadInfluence(head, x[train_idx], x[ref_idx], y[ref_idx], state.pool_features, state.weight_decay)
     s_test, report = solve_s_test(problem, solver, lissa_config, seed=seed)
     info = {"s_test_seconds": report.seconds, "s_test_iterations": float(report.iterations)}
@@ -137,24 +142,69 @@ def balanced_order(scores: torch.Tensor, predicted: torch.Tensor, count: int, se
     return np.asarray(out, dtype=np.int64)
 
 
+def kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 10) -> torch.Tensor:
+    """Cluster index of every row: k-means++ seeding, then Lloyd iterations."""
+    x = x.double()
+    gen = torch.Generator().manual_seed(seed)
+    sq = (x * x).sum(dim=1)
+    centers = [int(torch.randint(x.shape[0], (1,), generator=gen))]
+    nearest = (sq - 2 * x @ x[centers[0]] + sq[centers[0]]).clamp_min(0)
+    for _ in range(1, k):
+        total = float(nearest.sum())
+        pick = int(torch.multinomial(nearest / total, 1, generator=gen)) if total > 0 else int(nearest.argmax())
+        centers.append(pick)
+        nearest = torch.minimum(nearest, (sq - 2 * x @ x[pick] + sq[pick]).clamp_min(0))
+    c = x[centers].clone()
+    assign = torch.zeros(x.shape[0], dtype=torch.long)
+    for _ in range(iters):
+        assign = (sq[:, None] - 2 * x @ c.T + (c * c).sum(dim=1)[None, :]).argmin(dim=1)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        filled = counts > 0
+        c[filled] = sums[filled] / counts[filled, None]
+    return assign
+
+
+def cluster_order(scores: torch.Tensor, features: torch.Tensor, count: int, prefilter: int, seed: int) -> np.ndarray:
+    """The most negative member of each of ``count`` k-means clusters of the ``prefilter * count`` best.
+
+    Best first; clusters left empty are filled with the next best candidates.
+    """
+    candidates = ascending(scores, min(scores.shape[0], prefilter * count), seed)
+    if candidates.size <= count:
+        return candidates[:count]
+    assign = kmeans(features[candidates], count, seed).numpy()
+    first: dict[int, int] = {}
+    for position, cluster in enumerate(assign):  # candidates are in ascending order: first seen = best
+        first.setdefault(int(cluster), position)
+    chosen = sorted(first.values())
+    taken = set(chosen)
+    chosen += [p for p in range(candidates.size) if p not in taken][: count - len(chosen)]
+    return candidates[np.sort(np.asarray(chosen[:count]))]
+
+
 @dataclass
 class IsalStrategy(Strategy):
     """ISAL over the linear head. Defaults are the product's; :func:`paper_isal` gives the authors'."""
 
     reference: str = "crossfit"  # "crossfit" | "holdout"
-    balance: str = "class"  # "class" | "none"
+    balance: str = "class"  # "class" | "cluster" | "none"
     solver: str = "cg"  # "cg" | "cholesky" | "auto" | "lissa"
     top_k: int = 1
     folds: int = 5
     holdout_fraction: float = 0.2
     lissa_config: LissaConfig = PAPER_LISSA
+    #: balance="cluster": candidates per batch slot that go into k-means.
+    prefilter: int = 10
     name: str = "isal"
 
     def __post_init__(self) -> None:
         if self.reference not in ("crossfit", "holdout"):
             raise ValueError(f"reference must be 'crossfit' or 'holdout', got {self.reference!r}")
-        if self.balance not in ("class", "none"):
-            raise ValueError(f"balance must be 'class' or 'none', got {self.balance!r}")
+        if self.balance not in ("class", "cluster", "none"):
+            raise ValueError(f"balance must be 'class', 'cluster' or 'none', got {self.balance!r}")
+        if self.prefilter < 1:
+            raise ValueError(f"prefilter must be at least 1, got {self.prefilter}")
         if self.folds < 2:
             raise ValueError(f"crossfit needs at least 2 folds, got {self.folds}")
 
@@ -192,6 +242,8 @@ class IsalStrategy(Strategy):
         if self.balance == "class":
             predicted = state.pool_probs().argmax(dim=1)
             return balanced_order(scores, predicted, count, state.seed)
+        if self.balance == "cluster":
+            return cluster_order(scores, state.pool_features, count, self.prefilter, state.seed)
         return ascending(scores, count, state.seed)
 
 

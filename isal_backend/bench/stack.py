@@ -1,0 +1,171 @@
+"""Start and stop the real parts on loopback: Label Studio, the backend under gunicorn, an RQ worker.
+
+Used by ``bench loop`` and by the end-to-end tests, so both measure and check the same stack.
+Every process gets its own process group, so stopping it also stops its children.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+LS_BOOT_TIMEOUT_S = 300  # first boot runs the migrations (~90 s on a 2-core machine)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "<no log>"
+
+
+def stop_process(proc: subprocess.Popen, term_wait_s: float = 20) -> None:
+    """SIGTERM the whole process group, then SIGKILL what is left."""
+    for sig, wait_s in ((signal.SIGTERM, term_wait_s), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+
+
+def wait_http_ok(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float, what: str) -> None:
+    """Poll ``url`` until it answers 200; fail with the log's tail if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting; log tail:\n"
+                               f"{log_tail(log_path)}")
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not answer {url} within {timeout_s} s; log tail:\n{log_tail(log_path)}")
+        time.sleep(0.5)
+
+
+@dataclass
+class Service:
+    """A started process with its log."""
+
+    proc: subprocess.Popen
+    log_path: Path
+    url: str = ""
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+@dataclass
+class LabelStudio(Service):
+    """A running Label Studio with the admin's legacy token and a folder served as local files."""
+
+    token: str = field(default="", repr=False)
+    files_root: Path = Path()
+
+    def __repr__(self) -> str:  # never print the token
+        return f"LabelStudio(url={self.url!r})"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Token {self.token}"}
+
+
+def start_label_studio(ls_venv: Path, base: Path) -> LabelStudio:
+    """Label Studio 1.23.2 as docs/label-studio.md says: fresh data dir, legacy token, loopback allowed."""
+    exe = Path(ls_venv) / "bin" / "label-studio"
+    if not exe.exists():
+        raise FileNotFoundError(f"Label Studio is not installed at {exe}: `make test` installs it "
+                                f"(label-studio==1.23.2 in its own virtualenv); or set LS_VENV")
+    base.mkdir(parents=True, exist_ok=True)
+    files_root = base / "files"
+    files_root.mkdir(exist_ok=True)
+    port, token = free_port(), secrets.token_hex(20)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "DJANGO_"))}
+    env.update({
+        "LABEL_STUDIO_BASE_DATA_DIR": str(base / "data"),
+        "LABEL_STUDIO_USERNAME": "admin@example.com",
+        "LABEL_STUDIO_PASSWORD": secrets.token_urlsafe(16),
+        "LABEL_STUDIO_USER_TOKEN": token,
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+        "ML_BLOCK_LOCAL_IP": "false",
+        "SSRF_PROTECTION_ENABLED": "false",
+        "LOCAL_FILES_SERVING_ENABLED": "true",
+        "LOCAL_FILES_DOCUMENT_ROOT": str(files_root),
+    })
+    log_path = base / "label-studio.log"
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port)],
+            env=env, cwd=base, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+    try:
+        wait_http_ok(f"{url}/health", proc, log_path, LS_BOOT_TIMEOUT_S, "Label Studio")
+    except BaseException:
+        stop_process(proc)
+        raise
+    return LabelStudio(proc=proc, log_path=log_path, url=url, token=token, files_root=files_root)
+
+
+def backend_env(model_dir: Path, redis_url: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a backend or worker: the caller's, minus stray settings, plus these."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ISAL_", "LABEL_STUDIO_", "BASIC_AUTH_")) and k not in ("REDIS_URL", "MODEL_DIR")}
+    env["MODEL_DIR"] = str(model_dir)
+    env["PYTHONUNBUFFERED"] = "1"
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    env.update(extra or {})
+    return env
+
+
+def start_backend(env: dict[str, str], log_path: Path, port: int | None = None, threads: int = 16) -> Service:
+    """``gunicorn _wsgi:app`` on loopback (one worker: the embedded queue lives in it)."""
+    port = port or free_port()
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [str(gunicorn), "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", str(threads),
+             "--timeout", "120", "_wsgi:app"],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http_ok(f"{url}/health", proc, log_path, 120, "the backend")
+    except BaseException:
+        stop_process(proc)
+        raise
+    return Service(proc=proc, log_path=log_path, url=url)
+
+
+def start_worker(env: dict[str, str], log_path: Path) -> Service:
+    """``python -m isal_backend worker`` (RQ) with the backend's environment."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "isal_backend", "worker"], env=env, cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    return Service(proc=proc, log_path=log_path)

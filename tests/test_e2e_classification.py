@@ -1,0 +1,232 @@
+"""End to end: a real Label Studio 1.23.2, the backend under gunicorn, a real RQ worker on real Redis.
+
+An image-classification project with 210 real CIFAR-10 images (uploaded as files), the backend
+connected through ``POST /api/ml``, annotations made through the API as an annotator would; then the
+labeling stream must serve the round's most valuable task first and the rest in its order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import tarfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+
+from isal_backend.bench.stack import REPO, Service, backend_env, start_backend, start_worker
+from isal_backend.store import ModelStore
+
+pytestmark = [pytest.mark.e2e, pytest.mark.redis]
+
+CLASSES = ("airplane", "automobile", "frog")
+PER_CLASS = 70
+TOP_M = 60
+LABEL_CONFIG = (
+    '<View><Image name="image" value="$image"/><Choices name="label" toName="image">'
+    + "".join(f'<Choice value="{c}"/>' for c in CLASSES)
+    + "</Choices></View>"
+)
+CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+
+
+def cifar_images() -> list[tuple[str, str, bytes]]:
+    """(file name, class, JPEG bytes) of the first PER_CLASS test images of each class."""
+    if not CIFAR.exists():
+        pytest.fail(f"{CIFAR} is missing: the project's shared data sits beside the repository (../shared/data)")
+    out: list[tuple[str, str, bytes]] = []
+    counts = dict.fromkeys(CLASSES, 0)
+    with tarfile.open(CIFAR) as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if len(parts) == 3 and parts[0] == "test" and parts[1] in counts and counts[parts[1]] < PER_CLASS:
+                counts[parts[1]] += 1
+                out.append((f"{parts[1]}-{parts[2]}", parts[1], tar.extractfile(member).read()))
+            if all(v == PER_CLASS for v in counts.values()):
+                break
+    return out
+
+
+class Stack:
+    """The backend and its worker, restartable, with the test's view of Label Studio."""
+
+    def __init__(self, ls: Any, tmp: Path) -> None:
+        self.ls = ls
+        self.tmp = tmp
+        self.model_dir = tmp / "models"
+        prefix = f"isal-e2e-{uuid.uuid4().hex[:8]}"
+        self.env = backend_env(self.model_dir, "redis://127.0.0.1:6379/0", {
+            "LABEL_STUDIO_URL": ls.url,  # the key comes from /setup's access_token
+            "ISAL_WRITE_TOP_M": str(TOP_M),
+            "ISAL_REDIS_PREFIX": prefix,
+            "RQ_QUEUE": prefix,
+            "ISAL_RETRY_BACKOFF": "2,5,10",
+        })
+        self.prefix = prefix
+        self.backend: Service | None = None
+        self.worker: Service | None = None
+
+    def start(self, port: int | None = None) -> None:
+        self.backend = start_backend(self.env, self.tmp / "backend.log", port=port)
+        self.worker = start_worker(self.env, self.tmp / "worker.log")
+
+    def stop(self) -> None:
+        for service in (self.worker, self.backend):
+            if service is not None:
+                service.stop()
+
+    def api(self, method: str, path: str, **kwargs: Any) -> Any:
+        r = requests.request(method, f"{self.ls.url}{path}", headers=self.ls.legacy_headers, timeout=60, **kwargs)
+        assert r.status_code < 300, f"{method} {path}: HTTP {r.status_code} {r.text[:300]}"
+        return r.json() if r.content else None
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                         for p in (self.tmp / "backend.log", self.tmp / "worker.log") if p.exists())
+
+
+@pytest.fixture(scope="module")
+def stack(label_studio: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = Stack(label_studio, tmp_path_factory.mktemp("e2e"))
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+        r = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+        for key in r.scan_iter(f"{s.prefix}*"):
+            r.delete(key)
+        for key in r.scan_iter(f"rq:*{s.prefix}*"):
+            r.delete(key)
+
+
+def wait_for_round(stack: Stack, project: int, done: Any, timeout_s: float = 300) -> dict[str, Any]:
+    """Poll the model store until the current round's report satisfies ``done``."""
+    store = ModelStore(stack.model_dir)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = store.load(project)
+        if state is not None and done(state.report):
+            return state.report
+        time.sleep(1)
+    raise AssertionError(f"no round satisfying the condition within {timeout_s} s; logs:\n{stack.logs()}")
+
+
+def create_annotator(ls: Any, email: str) -> str:
+    """A second user of the admin's organization with a legacy token, made in Label Studio's Django shell."""
+    token = secrets.token_hex(20)
+    script = "\n".join([
+        "from users.models import User",
+        "from rest_framework.authtoken.models import Token",
+        "org = User.objects.get(email='admin@example.com').active_organization",
+        f"u = User.objects.create_user(email='{email}', username='{email}', password='{secrets.token_urlsafe(12)}')",
+        "org.add_user(u)",
+        "u.active_organization = org",
+        "u.save()",
+        "Token.objects.filter(user=u).delete()",  # Label Studio made one on creation; use ours
+        f"Token.objects.create(user=u, key='{token}')",
+        "print('ANNOTATOR-CREATED')",
+        "",
+    ])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "DJANGO_"))}
+    env["LABEL_STUDIO_BASE_DATA_DIR"] = str(ls.files_root.parent / "data")
+    exe = Path(os.environ.get("LS_VENV") or REPO / ".ls-venv") / "bin" / "label-studio"
+    done = subprocess.run([str(exe), "shell"], input=script, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and "ANNOTATOR-CREATED" in done.stdout, (done.stdout + done.stderr)[-2000:]
+    return token
+
+
+def next_task(ls: Any, project: int, token: str) -> int:
+    r = requests.get(f"{ls.url}/api/projects/{project}/next", headers={"Authorization": f"Token {token}"},
+                     timeout=60)
+    assert r.status_code == 200, r.text[:300]
+    return r.json()["id"]
+
+
+def test_the_labeling_stream_follows_isal_end_to_end(stack: Stack) -> None:
+    ls = stack.ls
+    project = stack.api("POST", "/api/projects", json={"title": "isal e2e", "label_config": LABEL_CONFIG})["id"]
+    images = cifar_images()
+    for start in range(0, len(images), 50):  # Django refuses more than 100 files in one request
+        # one form field per file: Label Studio keeps only one file per field name
+        batch = images[start : start + 50]
+        files = [(f"file{i}", (name, data, "image/jpeg")) for i, (name, _, data) in enumerate(batch)]
+        stack.api("POST", f"/api/projects/{project}/import", files=files)
+    tasks = stack.api("GET", "/api/tasks", params={"project": project, "page_size": 1000})["tasks"]
+    assert len(tasks) == len(images) >= 200
+    # Label Studio stores an upload as "<8 hex>-<original name>"; ours are "<class>-<file>".
+    truth = {t["id"]: t["data"]["image"].rsplit("/", 1)[-1].split("-")[1] for t in tasks}
+    assert sorted(set(truth.values())) == sorted(CLASSES)
+
+    ml = stack.api("POST", "/api/ml", json={"url": stack.backend.url, "project": project, "title": "isal"})
+    assert ml["id"]
+
+    # Annotate 8 tasks per class, as an annotator would.
+    annotated: list[int] = []
+    for cls in CLASSES:
+        for task_id in [t for t, c in truth.items() if c == cls][:8]:
+            stack.api("POST", f"/api/tasks/{task_id}/annotations", json={"result": [
+                {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [cls]}}]})
+            annotated.append(task_id)
+    report = wait_for_round(stack, project, lambda r: r.get("labeled") == 24)
+    round_id = report["round_id"]
+    assert report["order"].startswith("isal:"), report["order"]
+    assert report["unlabeled"] == len(images) - 24 and report["written"] == TOP_M
+    assert report["validation_accuracy"] > 0.5  # pretrained features separate these classes
+
+    # The M most valuable unlabeled tasks hold a prediction of that round, and only they.
+    predictions = stack.api("GET", "/api/predictions", params={"project": project})
+    ours = [p for p in predictions if p["model_version"] == round_id]
+    assert len(ours) == TOP_M
+    assert {p["task"] for p in ours}.isdisjoint(annotated)
+    by_score = [p["task"] for p in sorted(ours, key=lambda p: p["score"])]
+    assert by_score[:20] == report["top_tasks"]
+    assert all(p["result"][0]["value"]["choices"][0] in CLASSES for p in ours)
+    project_state = stack.api("GET", f"/api/projects/{project}")
+    assert project_state["sampling"] == "Uncertainty sampling" and project_state["model_version"] == round_id
+
+    # The stream: most valuable first, the "Label All Tasks" action agrees, a second annotator gets the next.
+    assert next_task(ls, project, ls.token) == by_score[0]
+    r = requests.post(f"{ls.url}/api/dm/actions", params={"id": "next_task", "project": project},
+                      json={"project": project}, headers=ls.legacy_headers, timeout=60)
+    assert r.status_code == 200 and r.json()["id"] == by_score[0]
+    second = create_annotator(ls, "annotator2@example.com")
+    assert next_task(ls, project, second) == by_score[1]
+    third = create_annotator(ls, "annotator3@example.com")
+    assert next_task(ls, project, third) == by_score[2]
+
+    # /predict for a task without predictions: the current model's pre-label with an ISAL-derived score.
+    unlabeled = next(t for t in tasks if t["id"] not in annotated and t["id"] not in {p["task"] for p in ours})
+    full_task = stack.api("GET", f"/api/tasks/{unlabeled['id']}")
+    answer = requests.post(f"{stack.backend.url}/predict", json={"tasks": [full_task], "project": f"{project}.1",
+                                                                  "label_config": LABEL_CONFIG}, timeout=120).json()
+    assert answer["results"][0]["model_version"] == round_id
+    assert 0.0 <= answer["results"][0]["score"] <= 1.0
+    assert answer["results"][0]["result"][0]["value"]["choices"][0] in CLASSES
+
+    # Deleting an annotation starts a new round on the remaining labels.
+    annotation = stack.api("GET", f"/api/tasks/{annotated[0]}/annotations")[0]
+    stack.api("DELETE", f"/api/annotations/{annotation['id']}")
+    report2 = wait_for_round(stack, project, lambda r: r.get("labeled") == 23)
+    assert report2["round_id"] != round_id
+    assert stack.api("GET", f"/api/projects/{project}")["model_version"] == report2["round_id"]
+
+    # A restarted backend and worker carry on from the stored model.
+    port = int(stack.backend.url.rsplit(":", 1)[1])
+    stack.stop()
+    stack.start(port=port)
+    answer = requests.post(f"{stack.backend.url}/predict", json={"tasks": [full_task], "project": f"{project}.1",
+                                                                  "label_config": LABEL_CONFIG}, timeout=120).json()
+    assert answer["results"][0]["model_version"] == report2["round_id"]
+    metrics = requests.get(f"{stack.backend.url}/metrics", timeout=30).text
+    assert ls.token not in metrics
+    status = json.dumps(requests.get(f"{stack.backend.url}/status/{project}", timeout=30).json())
+    assert ls.token not in status
