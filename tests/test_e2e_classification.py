@@ -69,17 +69,18 @@ class Stack:
             "ISAL_REDIS_PREFIX": prefix,
             "RQ_QUEUE": prefix,
             "ISAL_RETRY_BACKOFF": "2,5,10",
+            "ISAL_SHARD_SIZE": "40",  # the first round's 210 images go to 6 feature shards
         })
         self.prefix = prefix
         self.backend: Service | None = None
-        self.worker: Service | None = None
+        self.workers: list[Service] = []
 
     def start(self, port: int | None = None) -> None:
         self.backend = start_backend(self.env, self.tmp / "backend.log", port=port)
-        self.worker = start_worker(self.env, self.tmp / "worker.log")
+        self.workers = [start_worker(self.env, self.tmp / f"worker{i}.log") for i in range(2)]
 
     def stop(self) -> None:
-        for service in (self.worker, self.backend):
+        for service in [*self.workers, self.backend]:
             if service is not None:
                 service.stop()
 
@@ -90,7 +91,7 @@ class Stack:
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                         for p in (self.tmp / "backend.log", self.tmp / "worker.log") if p.exists())
+                         for p in sorted(self.tmp.glob("*.log")))
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +170,17 @@ def test_the_labeling_stream_follows_isal_end_to_end(stack: Stack) -> None:
     ml = stack.api("POST", "/api/ml", json={"url": stack.backend.url, "project": project, "title": "isal"})
     assert ml["id"]
 
+    # Cold start: no annotation yet, so "Start training" orders the stream for diversity (core-set), and the
+    # first round's images are featurized in shards shared by the two workers.
+    stack.api("POST", f"/api/ml/{ml['id']}/train", json={})
+    cold = wait_for_round(stack, project, lambda r: r.get("labeled") == 0)
+    assert cold["order"].startswith("cold-start"), cold["order"]
+    assert cold["written"] == TOP_M and cold["unlabeled"] == len(images)
+    assert cold["shards"]["count"] == 6 and len(cold["shards"]["computed_by"]) == 6
+    cold_predictions = [p for p in stack.api("GET", "/api/predictions", params={"project": project})
+                        if p["model_version"] == cold["round_id"]]
+    assert [p["task"] for p in sorted(cold_predictions, key=lambda p: p["score"])][:20] == cold["top_tasks"]
+
     # Annotate 8 tasks per class, as an annotator would.
     annotated: list[int] = []
     for cls in CLASSES:
@@ -212,10 +224,28 @@ def test_the_labeling_stream_follows_isal_end_to_end(stack: Stack) -> None:
     assert 0.0 <= answer["results"][0]["score"] <= 1.0
     assert answer["results"][0]["result"][0]["value"]["choices"][0] in CLASSES
 
+    # New tasks are scored with the current model and stored s_test, without a retrain.
+    new_images = [(f"new{i}-{name}", data, "image/jpeg") for i, (name, _, data) in enumerate(images[:3])]
+    stack.api("POST", f"/api/projects/{project}/import",
+              files=[(f"file{i}", item) for i, item in enumerate(new_images)])
+    all_tasks = stack.api("GET", "/api/tasks", params={"project": project, "page_size": 1000})["tasks"]
+    new_ids = {t["id"] for t in all_tasks} - {t["id"] for t in tasks}
+    assert len(new_ids) == 3
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        scored = [p for p in stack.api("GET", "/api/predictions", params={"project": project})
+                  if p["task"] in new_ids and p["model_version"] == round_id]
+        if len(scored) == 3:
+            break
+        time.sleep(1)
+    assert len(scored) == 3, stack.logs()
+    assert all(0.0 <= p["score"] <= 1.0 and p["result"] for p in scored)
+
     # Deleting an annotation starts a new round on the remaining labels.
     annotation = stack.api("GET", f"/api/tasks/{annotated[0]}/annotations")[0]
     stack.api("DELETE", f"/api/annotations/{annotation['id']}")
     report2 = wait_for_round(stack, project, lambda r: r.get("labeled") == 23)
+    assert report2["unlabeled"] == len(images) + 3 - 23
     assert report2["round_id"] != round_id
     assert stack.api("GET", f"/api/projects/{project}")["model_version"] == report2["round_id"]
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from isal_backend.influence import PAPER_LISSA, LinearHead, check_top_k, fit_linear_head
+from isal_backend.jobs.shards import featurize_in_shards
 from isal_backend.labelstudio.client import LabelStudioClient
 from isal_backend.labelstudio.config import ClassificationConfig, parse_label_config
 from isal_backend.labelstudio.convert import AnnotationSkipped, build_predictions, prediction_result, task_label
@@ -101,6 +102,8 @@ class Round:
             settings.backbone, self.store.project_dir(self.project_id) / "features", settings.device
         )
         self.timings: dict[str, float] = {}
+        self.round_id: str | None = None
+        self.shards: dict[str, Any] | None = None
 
     def _timed(self, name: str, start: float) -> None:
         self.timings[name] = round(time.perf_counter() - start, 4)
@@ -124,6 +127,7 @@ class Round:
                 refs[task["id"]] = image_reference(task, config)
             except ValueError as exc:
                 skipped.append({"task": task.get("id"), "reason": str(exc)})
+        self.shard_features(list(refs.values()))
         feats, failures = self.featurizer(list(refs.values()), self.load_image)
         kept: list[dict[str, Any]] = []
         rows: list[torch.Tensor] = []
@@ -139,9 +143,22 @@ class Round:
         dim = self.featurizer.model.feature_dim
         return kept, torch.stack(rows) if rows else torch.zeros(0, dim)
 
+    def shard_features(self, references: list[str]) -> None:
+        """With RQ and more uncached images than one shard, let every worker compute a share first."""
+        if self.settings.redis_url is None or self.round_id is None:
+            return
+        missing = self.featurizer.missing(references)
+        if len(missing) <= self.settings.shard_size:
+            return
+        start = time.perf_counter()
+        self.shards = featurize_in_shards(
+            self.settings, self.store.project_dir(self.project_id), self.round_id, missing,
+            lambda refs: self.featurizer(refs, self.load_image), self.project_id)
+        self._timed("shards_seconds", start)
+
     def run(self) -> dict[str, Any]:
         start_all = time.perf_counter()
-        round_id = new_round_id()
+        round_id = self.round_id = new_round_id()
         self.store.sweep_staging(self.project_id)
         data = self.fetch()
         config = data.config
@@ -184,6 +201,7 @@ class Round:
             "written": len(predictions),
             "top_tasks": [pool_tasks[i]["id"] for i in order[:20]],
             "skipped": data.skipped,
+            "shards": self.shards,
             "finished_at": datetime.now(UTC).isoformat(),
         })
         self._timed("total_seconds", start_all)

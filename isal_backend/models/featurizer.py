@@ -49,6 +49,12 @@ class Featurizer:
     def model(self) -> torch.nn.Module:
         return _backbone(self.backbone_name, self.device)[0]
 
+    def missing(self, references: list[str]) -> list[str]:
+        """The references (deduplicated) whose features are not cached yet."""
+        unique = list(dict.fromkeys(references))
+        cached = self.cache.get_many([cache_key(r) for r in unique])
+        return [r for r in unique if cache_key(r) not in cached]
+
     def __call__(
         self, references: list[str], load: Callable[[str], Image.Image]
     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -1,0 +1,142 @@
+"""Split a round's costly part, the images' forward pass, into shard jobs that any worker can take.
+
+Scoring from pixels is a backbone forward pass followed by a closed form that costs microseconds
+per task (see ``bench speed``), so what is worth sharing between workers is the forward pass. The
+round job cuts the uncached images into shards, writes each shard's references to the shared
+``MODEL_DIR`` and enqueues one RQ job per shard; then it works through the shards itself too
+(work stealing), so a round finishes with one worker or many, on one machine or several sharing
+Redis and ``MODEL_DIR``. Shards are claimed with a lease in Redis: a shard whose worker died is
+taken over once its lease runs out. Features land in the project's shared feature cache, where the
+round picks them up; an image that failed in a shard is retried by the round and reported there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+from rq import Queue
+
+from isal_backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SHARD_JOB = "isal_backend.jobs.shards.featurize_shard"
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class ShardPlan:
+    """The shards of one round: references on disk, claims and completions in Redis."""
+
+    def __init__(self, settings: Settings, project_dir: Path, round_id: str, connection: redis.Redis) -> None:
+        self.settings = settings
+        self.round_id = round_id
+        self.folder = project_dir / "shards" / round_id
+        self.redis = connection
+        self.key = f"{settings.redis_prefix}:shards:{round_id}"
+
+    def write(self, references: list[str], size: int) -> int:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        count = 0
+        for count, start in enumerate(range(0, len(references), size), start=1):
+            tmp = self.folder / f".{count - 1}.json"
+            tmp.write_text(json.dumps(references[start : start + size]))
+            tmp.replace(self.folder / f"{count - 1}.json")
+        self.redis.set(f"{self.key}:count", count, ex=24 * 3600)
+        return count
+
+    def references(self, index: int) -> list[str]:
+        return json.loads((self.folder / f"{index}.json").read_text())
+
+    def claim(self, index: int) -> bool:
+        lease = max(60, int(self.settings.shard_lease_seconds))
+        return bool(self.redis.set(f"{self.key}:claim:{index}", worker_name(), nx=True, ex=lease))
+
+    def done(self, index: int) -> str | None:
+        value = self.redis.get(f"{self.key}:done:{index}")
+        return value.decode() if value else None
+
+    def claimed(self, index: int) -> bool:
+        return bool(self.redis.exists(f"{self.key}:claim:{index}"))
+
+    def finish(self, index: int) -> None:
+        self.redis.set(f"{self.key}:done:{index}", worker_name(), ex=24 * 3600)
+        self.redis.delete(f"{self.key}:claim:{index}")
+
+    def cleanup(self, count: int) -> None:
+        keys = [f"{self.key}:count"] + [f"{self.key}:{kind}:{i}" for i in range(count) for kind in ("claim", "done")]
+        self.redis.delete(*keys)
+        for path in self.folder.glob("*.json"):
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.folder.rmdir()
+
+
+def run_shard(plan: ShardPlan, index: int, featurize: Callable[[list[str]], Any]) -> bool:
+    """Compute one shard if this worker can claim it; True when it did."""
+    if plan.done(index) or not plan.claim(index):
+        return False
+    try:
+        references = plan.references(index)
+    except FileNotFoundError:  # the round finished (and cleaned up) meanwhile
+        return False
+    featurize(references)
+    plan.finish(index)
+    return True
+
+
+def featurize_in_shards(
+    settings: Settings, project_dir: Path, round_id: str, references: list[str],
+    featurize: Callable[[list[str]], Any], project_id: int, timeout_s: float = 6 * 3600,
+) -> dict[str, Any]:
+    """Share the features of ``references`` among all workers; returns who computed which shard."""
+    connection = redis.Redis.from_url(settings.redis_url)
+    plan = ShardPlan(settings, project_dir, round_id, connection)
+    count = plan.write(references, settings.shard_size)
+    queue = Queue(settings.rq_queue, connection=connection)
+    for index in range(count):
+        queue.enqueue(SHARD_JOB, project_id, round_id, index,
+                      job_id=f"{settings.redis_prefix}-shard-{round_id}-{index}",
+                      job_timeout=int(settings.shard_lease_seconds * 4), result_ttl=600, failure_ttl=3600)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            pending = [i for i in range(count) if not plan.done(i)]
+            if not pending:
+                break
+            took = False
+            for index in pending:  # work stealing: unclaimed shards, and shards whose worker's lease ran out
+                if not plan.claimed(index):
+                    took |= run_shard(plan, index, featurize)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(pending)} of {count} feature shards unfinished after {timeout_s} s")
+            if not took:
+                time.sleep(0.2)
+        by = [plan.done(i) or "?" for i in range(count)]
+    finally:
+        plan.cleanup(count)
+    return {"count": count, "size": settings.shard_size, "computed_by": by}
+
+
+def featurize_shard(project_id: int, round_id: str, index: int) -> dict[str, Any]:
+    """RQ entry point: compute one shard of a round's image features, unless another worker has."""
+    from isal_backend.jobs.round import Round
+
+    settings = Settings.from_env()
+    round_ = Round(project_id, settings)
+    plan = ShardPlan(settings, round_.store.project_dir(project_id), round_id, redis.Redis.from_url(settings.redis_url))
+    if not (plan.folder / f"{index}.json").exists():
+        return {"shard": index, "computed": False, "reason": "round already finished"}
+    computed = run_shard(plan, index, lambda refs: round_.featurizer(refs, round_.load_image))
+    return {"shard": index, "computed": computed}
