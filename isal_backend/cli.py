@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--backbone", default="resnet18-cifar")
     speed.add_argument("--batch-size", type=int, default=64)
 
+    loop = bench.add_parser("loop", help="annotation-to-new-order freshness against a real Label Studio")
+    loop.add_argument("--tasks", type=int, default=1000, help="tasks in the benchmark project")
+    loop.add_argument("--repeats", type=int, default=3, help="annotations whose freshness is measured")
+    loop.add_argument("--json", required=True, help="write the figures here as JSON")
+    loop.add_argument("--ls-venv", default=None, help="virtualenv with label-studio 1.23.2 (default $LS_VENV)")
+    loop.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+
     worker = sub.add_parser("worker", help="run an RQ worker for the backend's queue (needs REDIS_URL)")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.add_argument("--name", default=None)
@@ -51,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         elif args.command == "bench" and args.bench == "speed":
             from isal_backend.bench.speed import main as run
+
+        elif args.command == "bench" and args.bench == "loop":
+            from isal_backend.bench.loop import main as run
 
         else:
             from isal_backend.queue.worker import main as run

@@ -72,6 +72,7 @@ class Settings:
     job_retries: int = 3
     retry_backoff: tuple[int, ...] = (10, 60, 300)
     shard_size: int = 2000
+    delete_old_predictions: bool = True
     shard_lease_seconds: float = 300.0
 
     def __repr__(self) -> str:
@@ -131,6 +132,7 @@ class Settings:
             lease_seconds=r.positive_float("ISAL_LEASE_SECONDS", 30.0),
             job_retries=r.integer("ISAL_JOB_RETRIES", 3, minimum=0),
             retry_backoff=r.int_list("ISAL_RETRY_BACKOFF", (10, 60, 300)),
+            delete_old_predictions=r.choice("ISAL_DELETE_OLD_PREDICTIONS", "true", ("true", "false")) == "true",
             shard_size=r.integer("ISAL_SHARD_SIZE", 2000, minimum=1, hint="images per feature shard job"),
             shard_lease_seconds=r.positive_float("ISAL_SHARD_LEASE_SECONDS", 300.0),
         )

@@ -214,6 +214,8 @@ class Round:
         log.info("project %s round %s: %s labeled, %s scored, %s written, order %s, %.2f s", self.project_id,
                  round_id, report["labeled"], report["unlabeled"], len(predictions), report["order"],
                  self.timings["total_seconds"])
+        if not self.settings.delete_old_predictions or not predictions:
+            return report
         try:
             self.client.delete_predictions(self.project_id, round_id)
         except Exception as exc:  # noqa: BLE001 - the new order is already served; stale rows only cost space
