@@ -13,10 +13,11 @@ rest, ``s_test`` by LiSSA with the authors' settings, top-1 expected gradient, a
 * ``balance="class"``: the batch is filled round-robin over the predicted classes of the full
   head (each class taking its own most negative scores), so a batch cannot collapse onto the one
   class a single direction in parameter space favours.
-* ``balance="cluster"`` (alternative): the ``prefilter`` x batch most negative scores are
-  clustered by k-means on their features into one cluster per batch slot and each cluster gives
-  its most negative member (Zhdanov 2019's diverse mini-batch recipe), so a batch cannot pile up
-  near-duplicates of one region even within a class.
+* ``top_k`` (default: 2, or 1 for two classes): the expected gradient over the two most probable
+  classes. Measured with ``bench al``'s loop (5 seeds, PCA-128 EfficientNet-Lite0 features,
+  2% + 10 x 2% of a 10k pool), paired AUC against K=1: +1.0 pp on CIFAR-10 (where K=2 tied margin
+  sampling, K=1 trailed it by 0.95 pp) and +0.1 pp on Fashion-MNIST. Cross-fitting with class
+  balance beat a held-out reference and no balancing; k-means-diverse batches did not help.
 * ``solver="cg"``: exact ``s_test`` (H includes the training weight decay).
 """
 
@@ -142,75 +143,37 @@ def balanced_order(scores: torch.Tensor, predicted: torch.Tensor, count: int, se
     return np.asarray(out, dtype=np.int64)
 
 
-def kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 10) -> torch.Tensor:
-    """Cluster index of every row: k-means++ seeding, then Lloyd iterations."""
-    x = x.double()
-    gen = torch.Generator().manual_seed(seed)
-    sq = (x * x).sum(dim=1)
-    centers = [int(torch.randint(x.shape[0], (1,), generator=gen))]
-    nearest = (sq - 2 * x @ x[centers[0]] + sq[centers[0]]).clamp_min(0)
-    for _ in range(1, k):
-        total = float(nearest.sum())
-        pick = int(torch.multinomial(nearest / total, 1, generator=gen)) if total > 0 else int(nearest.argmax())
-        centers.append(pick)
-        nearest = torch.minimum(nearest, (sq - 2 * x @ x[pick] + sq[pick]).clamp_min(0))
-    c = x[centers].clone()
-    assign = torch.zeros(x.shape[0], dtype=torch.long)
-    for _ in range(iters):
-        assign = (sq[:, None] - 2 * x @ c.T + (c * c).sum(dim=1)[None, :]).argmin(dim=1)
-        counts = torch.bincount(assign, minlength=k).to(x.dtype)
-        sums = torch.zeros_like(c).index_add_(0, assign, x)
-        filled = counts > 0
-        c[filled] = sums[filled] / counts[filled, None]
-    return assign
-
-
-def cluster_order(scores: torch.Tensor, features: torch.Tensor, count: int, prefilter: int, seed: int) -> np.ndarray:
-    """The most negative member of each of ``count`` k-means clusters of the ``prefilter * count`` best.
-
-    Best first; clusters left empty are filled with the next best candidates.
-    """
-    candidates = ascending(scores, min(scores.shape[0], prefilter * count), seed)
-    if candidates.size <= count:
-        return candidates[:count]
-    assign = kmeans(features[candidates], count, seed).numpy()
-    first: dict[int, int] = {}
-    for position, cluster in enumerate(assign):  # candidates are in ascending order: first seen = best
-        first.setdefault(int(cluster), position)
-    chosen = sorted(first.values())
-    taken = set(chosen)
-    chosen += [p for p in range(candidates.size) if p not in taken][: count - len(chosen)]
-    return candidates[np.sort(np.asarray(chosen[:count]))]
-
-
 @dataclass
 class IsalStrategy(Strategy):
     """ISAL over the linear head. Defaults are the product's; :func:`paper_isal` gives the authors'."""
 
     reference: str = "crossfit"  # "crossfit" | "holdout"
-    balance: str = "class"  # "class" | "cluster" | "none"
+    balance: str = "class"  # "class" | "none"
     solver: str = "cg"  # "cg" | "cholesky" | "auto" | "lissa"
-    top_k: int = 1
+    #: None: 2, or 1 when there are only two classes (K must stay below the class count).
+    top_k: int | None = None
     folds: int = 5
     holdout_fraction: float = 0.2
     lissa_config: LissaConfig = PAPER_LISSA
-    #: balance="cluster": candidates per batch slot that go into k-means.
-    prefilter: int = 10
     name: str = "isal"
 
     def __post_init__(self) -> None:
         if self.reference not in ("crossfit", "holdout"):
             raise ValueError(f"reference must be 'crossfit' or 'holdout', got {self.reference!r}")
-        if self.balance not in ("class", "cluster", "none"):
-            raise ValueError(f"balance must be 'class', 'cluster' or 'none', got {self.balance!r}")
-        if self.prefilter < 1:
-            raise ValueError(f"prefilter must be at least 1, got {self.prefilter}")
+        if self.balance not in ("class", "none"):
+            raise ValueError(f"balance must be 'class' or 'none', got {self.balance!r}")
         if self.folds < 2:
             raise ValueError(f"crossfit needs at least 2 folds, got {self.folds}")
 
+    def resolved_top_k(self, num_classes: int) -> int:
+        """The K in use; an explicit ``top_k`` is checked, never silently lowered."""
+        top_k = min(2, num_classes - 1) if self.top_k is None else self.top_k
+        check_top_k(top_k, num_classes)
+        return top_k
+
     def fit(self, state: PoolState) -> list[InfluenceUnit]:
         """The trained heads and their ``s_test``: one held-out unit, or one per cross-fitting fold."""
-        check_top_k(self.top_k, state.num_classes)
+        top_k = self.resolved_top_k(state.num_classes)
         y = state.labeled_labels
         if self.reference == "holdout":
             train, ref = holdout_split(y, self.holdout_fraction, state.seed)
@@ -225,7 +188,7 @@ class IsalStrategy(Strategy):
         for j, ref in enumerate(folds):
             unit, info = fit_unit(state, np.setdiff1d(everything, ref), ref, self.solver, self.lissa_config,
                                   state.seed + j)
-            pool_scores = unit.score(state.pool_features, self.top_k)
+            pool_scores = unit.score(state.pool_features, top_k)
             std = float(pool_scores.std()) if pool_scores.numel() > 1 else 0.0
             unit.scale = std if std > 0 else 1.0
             units.append(unit)
@@ -235,18 +198,17 @@ class IsalStrategy(Strategy):
 
     def scores(self, state: PoolState) -> torch.Tensor:
         """Pool scores; lower is more valuable."""
-        return score_units(self.fit(state), state.pool_features, self.top_k)
+        units = self.fit(state)
+        return score_units(units, state.pool_features, self.resolved_top_k(state.num_classes))
 
     def rank(self, state: PoolState, count: int) -> np.ndarray:
         scores = self.scores(state)
         if self.balance == "class":
             predicted = state.pool_probs().argmax(dim=1)
             return balanced_order(scores, predicted, count, state.seed)
-        if self.balance == "cluster":
-            return cluster_order(scores, state.pool_features, count, self.prefilter, state.seed)
         return ascending(scores, count, state.seed)
 
 
 def paper_isal() -> IsalStrategy:
     """The authors' settings: held-out R, LiSSA "paper" preset, top-1, no balancing."""
-    return IsalStrategy(reference="holdout", balance="none", solver="lissa", name="isal-paper")
+    return IsalStrategy(reference="holdout", balance="none", solver="lissa", top_k=1, name="isal-paper")
