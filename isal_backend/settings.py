@@ -57,7 +57,8 @@ class Settings:
     basic_auth_pass: str | None = field(default=None, repr=False)
     write_top_m: int = 1000
     backbone: str = "efficientnet-lite0"
-    top_k: int = 1
+    #: None = auto: 2, or 1 for two classes (what `bench al` measured best).
+    top_k: int | None = None
     holdout_fraction: float = 0.2
     strategy: str = "isal"
     train_mode: str = "head"
@@ -74,6 +75,10 @@ class Settings:
     shard_size: int = 2000
     delete_old_predictions: bool = True
     shard_lease_seconds: float = 300.0
+    # Object detection projects (<RectangleLabels>); see isal_backend/jobs/detection_round.py.
+    detection_score_threshold: float = 0.5
+    detection_steps: int = 60
+    detection_image_size: int = 320
 
     def __repr__(self) -> str:
         shown = []
@@ -119,7 +124,8 @@ class Settings:
             basic_auth_pass=password,
             write_top_m=r.integer("ISAL_WRITE_TOP_M", 1000, minimum=0, hint="0 writes every task"),
             backbone=r.choice("ISAL_BACKBONE", "efficientnet-lite0", KNOWN_BACKBONES),
-            top_k=r.integer("ISAL_TOP_K", 1, minimum=1),
+            top_k=None if (r._raw("ISAL_TOP_K") or "auto").lower() == "auto"
+            else r.integer("ISAL_TOP_K", 1, minimum=1, hint="or auto"),
             holdout_fraction=r.fraction("ISAL_HOLDOUT_FRACTION", 0.2),
             strategy=r.choice("ISAL_STRATEGY", "isal", KNOWN_STRATEGIES),
             train_mode=r.choice("ISAL_TRAIN_MODE", "head", TRAIN_MODES),
@@ -135,6 +141,11 @@ class Settings:
             delete_old_predictions=r.choice("ISAL_DELETE_OLD_PREDICTIONS", "true", ("true", "false")) == "true",
             shard_size=r.integer("ISAL_SHARD_SIZE", 2000, minimum=1, hint="images per feature shard job"),
             shard_lease_seconds=r.positive_float("ISAL_SHARD_LEASE_SECONDS", 300.0),
+            detection_score_threshold=r.fraction("ISAL_DETECTION_SCORE_THRESHOLD", 0.5),
+            detection_steps=r.integer("ISAL_DETECTION_STEPS", 60, minimum=1,
+                                      hint="detector training steps per round, batches of 4 images"),
+            detection_image_size=r.integer("ISAL_DETECTION_IMAGE_SIZE", 320, minimum=64,
+                                           hint="long side in pixels the detector sees"),
         )
 
 

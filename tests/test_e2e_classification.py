@@ -110,12 +110,18 @@ def stack(label_studio: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def wait_for_round(stack: Stack, project: int, done: Any, timeout_s: float = 300) -> dict[str, Any]:
-    """Poll the model store until the current round's report satisfies ``done``."""
+    """Poll until the project's queue is idle and the current round's report satisfies ``done``.
+
+    Events that arrive while a round runs leave one round waiting, which runs again on the same state:
+    waiting for idle makes the round under test the last one.
+    """
     store = ModelStore(stack.model_dir)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        queue = requests.get(f"{stack.backend.url}/status/{project}", timeout=30).json()["queue"]
+        idle = queue["running"] is None and not any(queue["waiting"].values())
         state = store.load(project)
-        if state is not None and done(state.report):
+        if idle and state is not None and done(state.report):
             return state.report
         time.sleep(1)
     raise AssertionError(f"no round satisfying the condition within {timeout_s} s; logs:\n{stack.logs()}")

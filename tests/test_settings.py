@@ -22,7 +22,7 @@ def test_defaults():
     assert (s.label_studio_url, s.label_studio_api_key, s.redis_url) == (None, None, None)
     assert s.embedded and not s.basic_auth_enabled
     assert s.model_dir == Path("./models") and s.write_top_m == 1000 and s.backbone == "efficientnet-lite0"
-    assert (s.top_k, s.holdout_fraction, s.strategy, s.train_mode, s.device) == (1, 0.2, "isal", "head", "cpu")
+    assert (s.top_k, s.holdout_fraction, s.strategy, s.train_mode, s.device) == (None, 0.2, "isal", "head", "cpu")
     assert (s.log_level, s.rq_queue) == ("INFO", "isal")
     assert s.round_job == "isal_backend.jobs.round.run_round"
     assert s.score_job == "isal_backend.jobs.round.score_new_tasks"

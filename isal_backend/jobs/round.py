@@ -31,18 +31,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from isal_backend.influence import PAPER_LISSA, LinearHead, check_top_k, fit_linear_head
+from isal_backend.influence import LinearHead, fit_linear_head
 from isal_backend.jobs.shards import featurize_in_shards
 from isal_backend.labelstudio.client import LabelStudioClient
-from isal_backend.labelstudio.config import ClassificationConfig, parse_label_config
+from isal_backend.labelstudio.config import (
+    ClassificationConfig,
+    DetectionConfig,
+    parse_label_config,
+    parse_project_config,
+)
 from isal_backend.labelstudio.convert import AnnotationSkipped, build_predictions, prediction_result, task_label
 from isal_backend.labelstudio.images import decode_image
 from isal_backend.models.featurizer import Featurizer
 from isal_backend.settings import Settings, project_credentials
 from isal_backend.status import record_round
 from isal_backend.store import ModelStore, RoundState
-from isal_backend.strategies import CoresetStrategy, NotEnoughLabels, PoolState, get_strategy
-from isal_backend.strategies.isal import InfluenceUnit, balanced_order, fit_unit, holdout_split
+from isal_backend.strategies import CoresetStrategy, IsalStrategy, NotEnoughLabels, PoolState, get_strategy
+from isal_backend.strategies.isal import InfluenceUnit, holdout_split, score_units
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +69,7 @@ class ProjectData:
     skipped: list[dict[str, Any]] = field(default_factory=list)
 
 
-def image_reference(task: dict[str, Any], config: ClassificationConfig) -> str:
+def image_reference(task: dict[str, Any], config: ClassificationConfig | DetectionConfig) -> str:
     value = (task.get("data") or {}).get(config.image_value_key)
     if not isinstance(value, str) or not value:
         raise ValueError(f"task {task.get('id')} has no image under data.{config.image_value_key}")
@@ -241,7 +246,6 @@ class Round:
             return CoresetStrategy().rank(state, count), None, None
 
         x, y = state.labeled_features.double(), state.labeled_labels
-        report.update({"train_size": len(train), "reference_size": len(ref)})
         if name not in ("isal", "isal-paper"):
             state.head = head = fit_linear_head(x[train], y[train], state.num_classes, WEIGHT_DECAY,
                                                 init=self.previous_head())
@@ -249,21 +253,29 @@ class Round:
             report["order"] = f"{name} (baseline strategy)"
             return get_strategy(name).rank(state, count), head, None
 
-        top_k = min(self.settings.top_k, state.num_classes - 1)
-        check_top_k(top_k, state.num_classes)
-        # "isal": exact s_test, class-balanced order; "isal-paper": the authors' LiSSA, plain ascending order
-        solver = "cg" if name == "isal" else "lissa"
-        unit, info = fit_unit(state, train, ref, solver, PAPER_LISSA, seed=state.seed, init=self.previous_head())
-        head = unit.head
-        self._validate(head, x[ref], y[ref], tensors, report)
-        scores = unit.score(state.pool_features, top_k)
-        tensors["s_test"] = unit.s_test
-        report.update({"top_k": top_k, "solver": solver, **info})
-        report["order"] = f"{name}: influence on a held-out reference set of {len(ref)} labels"
-        if name == "isal":
-            predicted = head.probs(state.pool_features.double()).argmax(1)
-            return balanced_order(scores, predicted, count, state.seed), head, scores
-        return np.argsort(scores.numpy(), kind="stable")[:count], head, scores
+        # The ISAL head for pre-labels trains on every label; the influence units hold labels out themselves.
+        state.head = head = fit_linear_head(x, y, state.num_classes, WEIGHT_DECAY, init=self.previous_head())
+        tensors["head_weight"] = head.weight
+        strategy = get_strategy(name)
+        assert isinstance(strategy, IsalStrategy)
+        strategy.holdout_fraction = self.settings.holdout_fraction
+        if self.settings.top_k is not None:
+            strategy.top_k = self.settings.top_k
+        top_k = strategy.resolved_top_k(state.num_classes)
+        units = strategy.fit(state)
+        scores = score_units(units, state.pool_features, top_k)
+        for i, unit in enumerate(units):
+            tensors[f"unit{i}_head"] = unit.head.weight
+            tensors[f"unit{i}_s_test"] = unit.s_test
+            tensors[f"unit{i}_scale"] = torch.tensor(unit.scale, dtype=torch.float64)
+        report.update({k: v for k, v in state.report.items() if isinstance(v, float | int | str)})
+        report.update({"top_k": top_k, "solver": strategy.solver, "reference": strategy.reference,
+                       "balance": strategy.balance, "influence_units": len(units)})
+        report["validation_accuracy"] = round(float(report["validation_accuracy"]), 4)
+        described = ("cross-fitted: every label is in the reference set once" if strategy.reference == "crossfit"
+                     else f"influence on a held-out reference set of {report['reference_size']} labels")
+        report["order"] = f"{name}: {described}"
+        return strategy.order(scores, state, count), head, scores
 
     def previous_head(self) -> LinearHead | None:
         """The current round's head, to warm-start from (a convex problem: only the speed changes)."""
@@ -277,13 +289,20 @@ class Round:
         """Accuracy on the held-out reference set, which the head never trained on."""
         tensors["head_weight"] = head.weight
         report["validation_accuracy"] = round(float((head.probs(x).argmax(1) == y).double().mean()), 4)
+        report["reference_size"] = len(y)
 
 
-def current_scorer(state: RoundState, top_k: int) -> tuple[LinearHead | None, InfluenceUnit | None]:
-    """The stored head for pre-labels and the stored influence unit for new tasks' scores."""
-    head = LinearHead(state.tensors["head_weight"]) if "head_weight" in state.tensors else None
-    unit = InfluenceUnit(head, state.tensors["s_test"]) if head is not None and "s_test" in state.tensors else None
-    return head, unit
+def current_scorer(state: RoundState) -> tuple[LinearHead | None, list[InfluenceUnit]]:
+    """The stored head for pre-labels and the stored influence units for new tasks' scores."""
+    tensors = state.tensors
+    head = LinearHead(tensors["head_weight"]) if "head_weight" in tensors else None
+    units = []
+    i = 0
+    while f"unit{i}_head" in tensors:
+        units.append(InfluenceUnit(LinearHead(tensors[f"unit{i}_head"]), tensors[f"unit{i}_s_test"],
+                                   float(tensors[f"unit{i}_scale"])))
+        i += 1
+    return head, units
 
 
 def score_to_unit_interval(scores: torch.Tensor, sorted_pool: torch.Tensor | None) -> list[float]:
@@ -296,7 +315,13 @@ def score_to_unit_interval(scores: torch.Tensor, sorted_pool: torch.Tensor | Non
 
 def run_round(project_id: int) -> dict[str, Any]:
     """RQ entry point: a full round for the project with the settings of the environment."""
-    return Round(project_id, Settings.from_env()).run()
+    settings = Settings.from_env()
+    round_ = Round(project_id, settings)
+    from isal_backend.jobs.detection_round import DetectionRound, is_detection  # it imports this module
+
+    if is_detection(round_.client.get_project(project_id)["label_config"]):
+        return DetectionRound(project_id, settings, round_.client).run()
+    return round_.run()
 
 
 def score_new_tasks(project_id: int, task_ids: list[int]) -> dict[str, Any]:
@@ -311,27 +336,31 @@ def score_new_tasks(project_id: int, task_ids: list[int]) -> dict[str, Any]:
     stored = round_.store.load(project_id)
     if stored is None:
         return {"project": project_id, "scored": 0, "reason": "no round yet"}
-    config = parse_label_config(round_.client.get_project(project_id)["label_config"])
+    config = parse_project_config(round_.client.get_project(project_id)["label_config"])
+    if isinstance(config, DetectionConfig):
+        from isal_backend.jobs.detection_round import score_new_detection_tasks  # it imports this module
+
+        return score_new_detection_tasks(round_, stored, config, task_ids)
     wanted = {int(t) for t in task_ids}
     tasks = [t for t in round_.client.list_tasks(project_id) if t["id"] in wanted and not t.get("annotations")]
     skipped: list[dict[str, Any]] = []
     kept, x = round_.features(tasks, config, skipped)
-    predictions = predictions_for(stored, config, kept, x, settings.top_k)
+    predictions = predictions_for(stored, config, kept, x)
     if predictions:
         round_.client.import_predictions(project_id, predictions)
     return {"project": project_id, "scored": len(predictions), "skipped": skipped, "round_id": stored.round_id}
 
 
 def predictions_for(
-    stored: RoundState, config: ClassificationConfig, tasks: list[dict[str, Any]], x: torch.Tensor, top_k: int
+    stored: RoundState, config: ClassificationConfig, tasks: list[dict[str, Any]], x: torch.Tensor
 ) -> list[dict[str, Any]]:
     """Pre-label and influence-derived score of each task under a stored round."""
-    head, unit = current_scorer(stored, top_k)
+    head, units = current_scorer(stored)
     if head is None or not tasks:
         return [{"task": t["id"], "result": [], "score": 0.5, "model_version": stored.round_id} for t in tasks]
     probs = head.probs(x.to(head.weight.dtype))
-    top_k = min(top_k, len(config.labels) - 1)
-    scores = unit.score(x, top_k) if unit is not None else -probs.max(dim=1).values
+    # ISAL rounds score with their influence units; a baseline's round ranks by its confidence instead
+    scores = score_units(units, x, int(stored.report["top_k"])) if units else -probs.max(dim=1).values
     mapped = score_to_unit_interval(scores, stored.tensors.get("pool_scores_sorted"))
     return [
         {"task": t["id"], "result": prediction_result(config, config.labels[int(p.argmax())]), "score": s,

@@ -175,25 +175,31 @@ class IsalStrategy(Strategy):
         """The trained heads and their ``s_test``: one held-out unit, or one per cross-fitting fold."""
         top_k = self.resolved_top_k(state.num_classes)
         y = state.labeled_labels
+        x = state.labeled_features.double()
         if self.reference == "holdout":
             train, ref = holdout_split(y, self.holdout_fraction, state.seed)
             unit, info = fit_unit(state, train, ref, self.solver, self.lissa_config, state.seed)
             state.report.update(info)
+            state.report["validation_accuracy"] = _accuracy(unit.head, x[ref], y[ref])
+            state.report["reference_size"] = len(ref)
             return [unit]
         folds = stratified_folds(y, self.folds, state.seed)
         if len(folds) < 2:
             raise NotEnoughLabels(f"cross-fitting needs at least 2 labels, got {y.shape[0]}")
         everything = np.arange(y.shape[0])
-        units, seconds = [], 0.0
+        units, seconds, correct = [], 0.0, 0.0
         for j, ref in enumerate(folds):
             unit, info = fit_unit(state, np.setdiff1d(everything, ref), ref, self.solver, self.lissa_config,
                                   state.seed + j)
+            correct += _accuracy(unit.head, x[ref], y[ref]) * len(ref)
             pool_scores = unit.score(state.pool_features, top_k)
             std = float(pool_scores.std()) if pool_scores.numel() > 1 else 0.0
             unit.scale = std if std > 0 else 1.0
             units.append(unit)
             seconds += info["s_test_seconds"]
         state.report["s_test_seconds"] = seconds
+        state.report["validation_accuracy"] = correct / y.shape[0]  # cross-validated: each label held out once
+        state.report["reference_size"] = int(y.shape[0])
         return units
 
     def scores(self, state: PoolState) -> torch.Tensor:
@@ -202,11 +208,18 @@ class IsalStrategy(Strategy):
         return score_units(units, state.pool_features, self.resolved_top_k(state.num_classes))
 
     def rank(self, state: PoolState, count: int) -> np.ndarray:
-        scores = self.scores(state)
+        return self.order(self.scores(state), state, count)
+
+    def order(self, scores: torch.Tensor, state: PoolState, count: int) -> np.ndarray:
+        """The pool order for given scores: balanced over predicted classes, or plain ascending."""
         if self.balance == "class":
             predicted = state.pool_probs().argmax(dim=1)
             return balanced_order(scores, predicted, count, state.seed)
         return ascending(scores, count, state.seed)
+
+
+def _accuracy(head: LinearHead, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((head.probs(x).argmax(1) == y).double().mean()) if len(y) else float("nan")
 
 
 def paper_isal() -> IsalStrategy:
