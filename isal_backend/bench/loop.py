@@ -131,7 +131,9 @@ def run(tasks: int, repeats: int, work: Path, ls_venv: Path, redis_url: str) -> 
                 lambda before=before: (v := lsapi.call("GET", f"/api/projects/{project}")["model_version"]) != before
                 and v, timeout_s=600, what="the new order")
             fresh.append(time.perf_counter() - start)
-            rounds.append(store.load(project, new_version).report)
+            # the round commits its model right after Label Studio serves its order
+            rounds.append(wait_for(lambda v=new_version: v in store.rounds(project)
+                                   and store.load(project, v).report, 120, "the round's report"))
             wait_for(lambda: not redis.Redis.from_url(redis_url).llen(f"rq:queue:{prefix}"), 600, "an idle queue")
 
         latency = measure_webhook_latency(f"{backend.url}/webhook", 500, 100, projects=(project,))
