@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,8 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
 
     al = bench.add_parser("al", help="pool-based active-learning benchmark")
-    al.add_argument("--dataset", required=True, help="fashion-mnist, cifar10, or a folder of class sub-folders")
-    al.add_argument("--strategies", default="isal,isal-paper,random,entropy,margin,coreset")
+    al.add_argument("--dataset", required=True,
+                    help="fashion-mnist, cifar10, a folder of class sub-folders; bccd or a VOC folder (detection)")
+    al.add_argument("--strategies", default=None,
+                    help="classification: isal,isal-paper,random,entropy,margin,coreset (default all); "
+                    "detection: isal,random,mean-confidence")
     al.add_argument("--seeds", type=int, default=None, help="number of seeds (default 10; 3 with --quick)")
     al.add_argument("--out", required=True, help="output folder for curves.csv, curves.png, summary.json")
     al.add_argument("--quick", action="store_true", help="a small run that finishes within 2 minutes")
@@ -32,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     speed = bench.add_parser("speed", help="ISAL scoring throughput against a bare forward pass")
     speed.add_argument("--quick", action="store_true")
+    speed.add_argument("--task", default="classification", choices=["classification", "detection"])
     speed.add_argument("--json", required=True, help="write the figures here as JSON")
     speed.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     speed.add_argument("--backbone", default="resnet18-cifar")
@@ -50,11 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_detection_dataset(name: str) -> bool:
+    """BCCD, or a Pascal VOC folder (``JPEGImages/`` and ``Annotations/``)."""
+    path = Path(name).expanduser()
+    return name == "bccd" or ((path / "JPEGImages").is_dir() and (path / "Annotations").is_dir())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "bench" and args.bench == "al":
+        if args.command == "bench" and args.bench == "al" and is_detection_dataset(args.dataset):
+            from isal_backend.detection.bench_al import main as run
+
+        elif args.command == "bench" and args.bench == "al":
             from isal_backend.bench.al import main as run
+
+        elif args.command == "bench" and args.bench == "speed" and args.task == "detection":
+            from isal_backend.detection.bench_speed import main as run
 
         elif args.command == "bench" and args.bench == "speed":
             from isal_backend.bench.speed import main as run

@@ -237,8 +237,11 @@ def _run_benchmark(
     return summary
 
 
-def resolve_strategies(spec: str) -> dict[str, Callable[[], Strategy]]:
-    names = [s.strip() for s in spec.split(",") if s.strip()]
+DEFAULT_STRATEGIES = "isal,isal-paper,random,entropy,margin,coreset"
+
+
+def resolve_strategies(spec: str | None) -> dict[str, Callable[[], Strategy]]:
+    names = [s.strip() for s in (spec or DEFAULT_STRATEGIES).split(",") if s.strip()]
     if not names:
         raise ValueError("--strategies is empty")
     for name in names:

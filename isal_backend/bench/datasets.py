@@ -97,7 +97,7 @@ def check_dataset(dataset: str) -> None:
     path = Path(dataset).expanduser()
     if not path.exists():
         raise ValueError(
-            f"unknown data set {dataset!r}: choose {' or '.join(BUILTIN)}, or give a folder with one "
+            f"unknown data set {dataset!r}: choose {', '.join(BUILTIN)} or bccd (detection), or give a folder with one "
             "sub-folder of images per class"
         )
     if not path.is_dir():
