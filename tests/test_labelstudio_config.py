@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from isal_backend.labelstudio.config import SUPPORTED, ClassificationConfig, LabelConfigError, parse_label_config
+from isal_backend.labelstudio.config import (
+    SUPPORTED,
+    ClassificationConfig,
+    DetectionConfig,
+    LabelConfigError,
+    parse_label_config,
+    parse_project_config,
+)
 
 SAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "label-studio-samples"
 
@@ -99,3 +106,82 @@ def test_external_entity_is_never_resolved(tmp_path: Path) -> None:
     with pytest.raises(LabelConfigError) as err:
         parse_label_config(xml)
     assert "TOP-SECRET" not in str(err.value)
+
+
+# -- parse_project_config: classification or object detection ---------------------------------------------
+
+DETECTION = """
+  <View>
+    <Header value="Draw every cell"/>
+    <Image name="img" value="$photo" zoom="true"/>
+    <RectangleLabels name="cells" toName="img" strokeWidth="2">
+      <Label value="RBC" background="red"/>
+      <Label value="White blood cell" alias="WBC"/>
+      <View><Label value="Platelets"/></View>
+    </RectangleLabels>
+  </View>"""
+
+
+def test_detection_config_is_parsed() -> None:
+    assert parse_project_config(DETECTION) == DetectionConfig(
+        image_name="img", image_value_key="photo", labels_name="cells", labels=["RBC", "WBC", "Platelets"])
+
+
+def test_project_config_passes_classification_through() -> None:
+    for cfg in _sample_configs():
+        assert parse_project_config(cfg) == parse_label_config(cfg)
+
+
+def test_one_detection_class_is_enough() -> None:
+    cfg = parse_project_config('<View><Image name="i" value="$i"/><RectangleLabels name="r" toName="i">'
+                               '<Label value="car"/></RectangleLabels></View>')
+    assert isinstance(cfg, DetectionConfig) and cfg.labels == ["car"]
+
+
+BAD_PROJECT = {
+    "choices_and_rectangles": ('<View><Image name="i" value="$i"/><RectangleLabels name="r" toName="i"><Label '
+                               'value="a"/></RectangleLabels><Choices name="c" toName="i"><Choice value="a"/>'
+                               '<Choice value="b"/></Choices></View>', "unsupported tag <Choices>"),
+    "two_rectangle_tags": ('<View><Image name="i" value="$i"/><RectangleLabels name="r" toName="i"><Label value="a"/>'
+                           '</RectangleLabels><RectangleLabels name="s" toName="i"><Label value="b"/>'
+                           '</RectangleLabels></View>', "2 <RectangleLabels> tags"),
+    "rect_to_name_elsewhere": ('<View><Image name="i" value="$i"/><RectangleLabels name="r" toName="x">'
+                               '<Label value="a"/></RectangleLabels></View>', 'toName="x"'),
+    "no_labels": ('<View><Image name="i" value="$i"/><RectangleLabels name="r" toName="i"/></View>',
+                  "at least one <Label>"),
+    "duplicate_label": ('<View><Image name="i" value="$i"/><RectangleLabels name="r" toName="i"><Label value="a"/>'
+                        '<Label value="a"/></RectangleLabels></View>', 'value="a"> appears twice'),
+    "multiple_labels_per_box": ('<View><Image name="i" value="$i"/><RectangleLabels name="r" toName="i" '
+                                'choice="multiple"><Label value="a"/></RectangleLabels></View>', 'choice="multiple"'),
+    "no_image": ('<View><RectangleLabels name="r" toName="i"><Label value="a"/></RectangleLabels></View>',
+                 "no <Image>"),
+    "polygons_too": ('<View><Image name="i" value="$i"/><RectangleLabels name="r" toName="i"><Label value="a"/>'
+                     '</RectangleLabels><PolygonLabels name="p" toName="i"><Label value="a"/></PolygonLabels></View>',
+                     "<PolygonLabels>"),
+    "keypoints_only": ('<View><Image name="i" value="$i"/><KeyPointLabels name="k" toName="i"><Label value="a"/>'
+                       '</KeyPointLabels></View>', "<KeyPointLabels>"),
+    "literal_image": ('<View><Image name="i" value="http://x/a.png"/><RectangleLabels name="r" toName="i">'
+                      '<Label value="a"/></RectangleLabels></View>', "must reference task data"),
+    "malformed": ('<View><Image name="i" value="$i"><RectangleLabels name="r" toName="i"></View>',
+                  "not well-formed XML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PROJECT))
+def test_bad_project_configs_name_the_tag_and_what_is_supported(case: str) -> None:
+    xml, fragment = BAD_PROJECT[case]
+    with pytest.raises(LabelConfigError) as err:
+        parse_project_config(xml)
+    assert fragment in str(err.value)
+    assert SUPPORTED in str(err.value) and "<RectangleLabels>" in SUPPORTED
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_project_config_refuses_every_bad_classification_config(case: str) -> None:
+    xml, fragment = BAD[case]
+    if case == "rectangles":  # an <Image> with <RectangleLabels> is a detection project now
+        assert isinstance(parse_project_config(xml), DetectionConfig)
+        return
+    with pytest.raises(LabelConfigError) as err:
+        parse_project_config(xml)
+    assert fragment in str(err.value)

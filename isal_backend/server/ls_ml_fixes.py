@@ -23,7 +23,7 @@ We keep label-studio-ml's app (``label_studio_ml.api``, initialised through ``in
 9. ``exception_handler`` and its error handlers answer 500s with a Python traceback (plain text or
    JSON) -> JSON ``{"error": ...}`` bodies, tracebacks only in the server log.
 10. ``/setup`` instantiates the model and loads "job results" per request, and ignores an invalid label
-    config -> it validates the config (``isal_backend.labelstudio.config.parse_label_config``, 400 on
+    config -> it validates the config (``isal_backend.labelstudio.config.parse_project_config``, 400 on
     LabelConfigError), stores hostname/access token (0600) for the jobs, and answers at once.
 11. ``/predict`` needs a prior /setup in the same process (``_current_model``) and returns 500 otherwise
     -> stateless: ``isal_backend.jobs.predict.predict_tasks(project_id, tasks, label_config)``.
@@ -152,14 +152,14 @@ def setup() -> Response:
     if not isinstance(schema, str) or not schema.strip():
         raise ApiError(400, "'schema' must be the project's label config (XML string)")
     try:
-        from isal_backend.labelstudio.config import parse_label_config
+        from isal_backend.labelstudio.config import parse_project_config
     except ModuleNotFoundError as exc:
         if not (exc.name or "").startswith("isal_backend.labelstudio"):
             raise
         logger.warning("isal_backend.labelstudio.config is missing: label config not validated")
     else:
         try:
-            parse_label_config(schema)
+            parse_project_config(schema)
         except ValueError as exc:  # LabelConfigError(ValueError), message names the tag
             raise ApiError(400, f"unsupported label config: {exc}") from None
     settings = _state().settings
