@@ -78,6 +78,12 @@ def next_task(lsapi: Session, project: int, errors: list[str], tries: int = 10) 
     raise RuntimeError(f"/next failed {tries} times: {errors[-tries:]}")
 
 
+def idle(backend_url: str, project: int) -> bool:
+    """No round of the project runs or waits (the backend's /status)."""
+    queue = requests.get(f"{backend_url}/status/{project}", timeout=30).json()["queue"]
+    return queue["running"] is None and not any(queue["waiting"].values())
+
+
 def wait_for(predicate: Any, timeout_s: float, what: str, poll_s: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -134,7 +140,7 @@ def run(tasks: int, repeats: int, work: Path, ls_venv: Path, redis_url: str) -> 
             # the round commits its model right after Label Studio serves its order
             rounds.append(wait_for(lambda v=new_version: v in store.rounds(project)
                                    and store.load(project, v).report, 120, "the round's report"))
-            wait_for(lambda: not redis.Redis.from_url(redis_url).llen(f"rq:queue:{prefix}"), 600, "an idle queue")
+            wait_for(lambda: idle(backend.url, project), 600, "an idle project (its clean-up included)", 0.2)
 
         latency = measure_webhook_latency(f"{backend.url}/webhook", 500, 100, projects=(project,))
         median_round = {k: statistics.median(r["timings"][k] for r in rounds) for k in rounds[0]["timings"]}

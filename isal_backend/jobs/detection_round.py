@@ -290,12 +290,7 @@ class DetectionRound(Round):
         log.info("project %s detection round %s: %s labeled, %s scored, %s written, order %s, %.2f s",
                  self.project_id, round_id, report["labeled"], len(pool), len(predictions), report["order"],
                  self.timings["total_seconds"])
-        if not self.settings.delete_old_predictions or not predictions:
-            return report
-        try:
-            self.client.delete_predictions(self.project_id, round_id)
-        except Exception as exc:  # noqa: BLE001 - the new order is already served; stale rows only cost space
-            log.warning("project %s: deleting older rounds' predictions failed: %s", self.project_id, exc)
+        self.delete_older_predictions(round_id, written=len(predictions))
         return report
 
     def rank_pool(

@@ -43,6 +43,7 @@ from isal_backend.labelstudio.config import (
 from isal_backend.labelstudio.convert import AnnotationSkipped, build_predictions, prediction_result, task_label
 from isal_backend.labelstudio.images import decode_image
 from isal_backend.models.featurizer import Featurizer
+from isal_backend.queue.context import current_job
 from isal_backend.settings import Settings, project_credentials
 from isal_backend.status import record_round
 from isal_backend.store import ModelStore, RoundState
@@ -219,13 +220,24 @@ class Round:
         log.info("project %s round %s: %s labeled, %s scored, %s written, order %s, %.2f s", self.project_id,
                  round_id, report["labeled"], report["unlabeled"], len(predictions), report["order"],
                  self.timings["total_seconds"])
-        if not self.settings.delete_old_predictions or not predictions:
-            return report
+        self.delete_older_predictions(round_id, written=len(predictions))
+        return report
+
+    def delete_older_predictions(self, round_id: str, written: int) -> None:
+        """Delete the predictions of every older round, unless a newer round waits to do it."""
+        if not self.settings.delete_old_predictions or not written:
+            return
+        job = current_job()
+        if job is not None and job.superseded():
+            # A newer round waits for this worker: it deletes every older version, this one included, when
+            # the annotators pause. Deleting now would delay the next order by seconds (and, on SQLite, lock
+            # Label Studio's database under annotators asking for their next task).
+            log.info("project %s: a newer round waits; old predictions are left to it", self.project_id)
+            return
         try:
             self.client.delete_predictions(self.project_id, round_id)
         except Exception as exc:  # noqa: BLE001 - the new order is already served; stale rows only cost space
             log.warning("project %s: deleting older rounds' predictions failed: %s", self.project_id, exc)
-        return report
 
     def order(
         self, state: PoolState, count: int, tensors: dict[str, torch.Tensor], report: dict[str, Any]

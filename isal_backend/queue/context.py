@@ -7,6 +7,7 @@ Set by the queue's runner around the job function, so job code keeps the simple 
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,12 @@ class JobContext:
     took_over_from: str | None = None
     mode: str = "redis"  # or "embedded"
     status_store: Any = None  # isal_backend.status.StatusStore
+    #: Whether a job of the same kind and project waits behind this one (it will see a newer state).
+    successor_waiting: Callable[[], bool] | None = None
+
+    def superseded(self) -> bool:
+        """True when a newer job of this kind waits: optional work (clean-up) can be left to it."""
+        return bool(self.successor_waiting and self.successor_waiting())
 
 
 _current: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar("isal_job", default=None)

@@ -132,7 +132,8 @@ class EmbeddedCoalescer:
             if item.kind != ROUND:
                 task_ids = tuple(sorted(proj.task_ids))
                 proj.task_ids.clear()
-        ctx = JobContext(item.kind, item.project_id, item.job_id, events, task_ids, None, "embedded", self.store)
+        ctx = JobContext(item.kind, item.project_id, item.job_id, events, task_ids, None, "embedded", self.store,
+                         successor_waiting=lambda: item.kind in proj.pending)
         token = set_current_job(ctx)
         started = time.time()
         try:

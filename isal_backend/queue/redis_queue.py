@@ -380,7 +380,8 @@ def run_job(kind: str, project_id: int, config: dict[str, Any]) -> dict[str, Any
     if took_over:
         logger.error("project %s: took over from %s, whose worker died", project_id, took_over)
         record_job_outcome(project_id, kind, took_over, "lost", error="worker died", store=co.status_store)
-    ctx = JobContext(kind, int(project_id), job.id, events, task_ids, took_over, "redis", co.status_store)
+    ctx = JobContext(kind, int(project_id), job.id, events, task_ids, took_over, "redis", co.status_store,
+                     successor_waiting=lambda: bool(co.redis.hget(key, f"pend_{kind}")))
     beat = _Heartbeat(lambda: co._heartbeat(keys=[key], args=[job.id, lease_ms]), lease_ms / 3000)
     beat.start()
     token = set_current_job(ctx)
