@@ -84,6 +84,13 @@ class Stack:
             if service is not None:
                 service.stop()
 
+    def close(self) -> None:
+        """Stop the processes and remove this stack's keys from the shared Redis."""
+        self.stop()
+        r = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+        for key in [*r.scan_iter(f"{self.prefix}*"), *r.scan_iter(f"rq:*{self.prefix}*")]:
+            r.delete(key)
+
     def api(self, method: str, path: str, **kwargs: Any) -> Any:
         r = requests.request(method, f"{self.ls.url}{path}", headers=self.ls.legacy_headers, timeout=60, **kwargs)
         assert r.status_code < 300, f"{method} {path}: HTTP {r.status_code} {r.text[:300]}"
@@ -101,12 +108,7 @@ def stack(label_studio: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     try:
         yield s
     finally:
-        s.stop()
-        r = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-        for key in r.scan_iter(f"{s.prefix}*"):
-            r.delete(key)
-        for key in r.scan_iter(f"rq:*{s.prefix}*"):
-            r.delete(key)
+        s.close()
 
 
 def wait_for_round(stack: Stack, project: int, done: Any, timeout_s: float = 300) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import requests
 from PIL import Image
 
@@ -66,12 +65,7 @@ def stack(label_studio: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     try:
         yield s
     finally:
-        s.stop()
-        r = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-        for key in r.scan_iter(f"{s.prefix}*"):
-            r.delete(key)
-        for key in r.scan_iter(f"rq:*{s.prefix}*"):
-            r.delete(key)
+        s.close()
 
 
 def test_detection_stream_follows_isal_end_to_end(stack: Stack) -> None:

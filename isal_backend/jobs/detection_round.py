@@ -53,7 +53,6 @@ from isal_backend.jobs.round import Round, image_reference, new_round_id, score_
 from isal_backend.labelstudio.config import DetectionConfig, LabelConfigError, parse_project_config
 from isal_backend.labelstudio.convert import AnnotationSkipped, _recency, rank_scores
 from isal_backend.settings import Settings
-from isal_backend.status import record_round
 from isal_backend.store import RoundState
 from isal_backend.strategies.baselines import k_center_greedy
 
@@ -280,18 +279,7 @@ class DetectionRound(Round):
             "notes": data.notes,
             "finished_at": datetime.now(UTC).isoformat(),
         })
-        self._timed("total_seconds", start_all)
-        report["timings"] = self.timings
-        report["seconds"] = self.timings["total_seconds"]
-        self.store.commit(self.project_id, round_id, tensors, report)
-        self.store.prune(self.project_id)
-        record_round(self.project_id, {k: v for k, v in report.items() if k not in ("skipped", "notes", "top_tasks")},
-                     self.settings)
-        log.info("project %s detection round %s: %s labeled, %s scored, %s written, order %s, %.2f s",
-                 self.project_id, round_id, report["labeled"], len(pool), len(predictions), report["order"],
-                 self.timings["total_seconds"])
-        self.delete_older_predictions(round_id, written=len(predictions))
-        return report
+        return self.finish(round_id, start_all, tensors, report)
 
     def rank_pool(
         self, data: DetectionData, count: int, tensors: dict[str, torch.Tensor], report: dict[str, Any]

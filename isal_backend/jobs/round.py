@@ -210,17 +210,22 @@ class Round:
             "shards": self.shards,
             "finished_at": datetime.now(UTC).isoformat(),
         })
+        return self.finish(round_id, start_all, tensors, report)
+
+    def finish(self, round_id: str, start_all: float, tensors: dict[str, torch.Tensor],
+               report: dict[str, Any]) -> dict[str, Any]:
+        """Commit the round atomically, record it for /metrics, then clean up older rounds' predictions."""
         self._timed("total_seconds", start_all)
         report["timings"] = self.timings
         report["seconds"] = self.timings["total_seconds"]
         self.store.commit(self.project_id, round_id, tensors, report)
         self.store.prune(self.project_id)
-        record_round(self.project_id, {k: v for k, v in report.items() if k not in ("skipped", "top_tasks")},
-                     self.settings)
+        bulky = ("skipped", "notes", "top_tasks")
+        record_round(self.project_id, {k: v for k, v in report.items() if k not in bulky}, self.settings)
         log.info("project %s round %s: %s labeled, %s scored, %s written, order %s, %.2f s", self.project_id,
-                 round_id, report["labeled"], report["unlabeled"], len(predictions), report["order"],
+                 round_id, report["labeled"], report["tasks_scored"], report["written"], report["order"],
                  self.timings["total_seconds"])
-        self.delete_older_predictions(round_id, written=len(predictions))
+        self.delete_older_predictions(round_id, written=report["written"])
         return report
 
     def delete_older_predictions(self, round_id: str, written: int) -> None:
