@@ -106,3 +106,21 @@ def test_featurizer_caches_and_reports_failures(tmp_path: Path) -> None:
     assert calls == []  # all from the cache
     assert all(torch.equal(again[r], feats[r]) for r in images)
     assert cache_key("data:image/png;base64,AAAA") == cache_key("data:image/png;base64,AAAA")
+
+
+def test_resnet18_uses_torchvision_weights_only_when_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline: the torch hub cache's file when this machine has it, random weights otherwise; no download."""
+    from torchvision.models import resnet18
+
+    from isal_backend.models.backbones import build_backbone, cached_resnet18_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert cached_resnet18_weights() is None
+    net, _ = build_backbone("resnet18")
+    assert net.checkpoint is None
+    reference = resnet18(weights=None)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(reference.state_dict(), tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    net, _ = build_backbone("resnet18")
+    assert net.checkpoint == cached_resnet18_weights()
+    assert torch.equal(net.net.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)

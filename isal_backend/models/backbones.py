@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -63,14 +64,33 @@ class SmallCNN(nn.Module):
         return F.adaptive_avg_pool2d(self.body(x), 1).flatten(1)
 
 
-class ResNet18Features(nn.Module):
-    """torchvision ResNet-18 without its classifier; ``cifar_stem`` swaps in a 3x3, stride-1 stem."""
+def cached_resnet18_weights() -> Path | None:
+    """torchvision's ImageNet ResNet-18 file where this machine already has it (torch hub cache), else None.
 
-    def __init__(self, cifar_stem: bool = False, checkpoint: str | Path | None = None) -> None:
+    Never downloads: the backend must start offline; a user's machine that has used torchvision's
+    pretrained ResNet-18 before gets it, any other starts from ``weights=None`` or a named checkpoint.
+    """
+    from torchvision.models import ResNet18_Weights
+
+    name = Path(urlparse(ResNet18_Weights.IMAGENET1K_V1.url).path).name
+    path = Path(torch.hub.get_dir()) / "checkpoints" / name
+    return path if path.is_file() else None
+
+
+class ResNet18Features(nn.Module):
+    """torchvision ResNet-18 without its classifier; ``cifar_stem`` swaps in a 3x3, stride-1 stem.
+
+    Weights: ``checkpoint`` if given, else torchvision's cached ImageNet weights when present, else random.
+    """
+
+    def __init__(self, cifar_stem: bool = False, checkpoint: str | Path | None = None, pretrained: bool = True) -> None:
         super().__init__()
         from torchvision.models import resnet18
 
         net = resnet18(weights=None)
+        if checkpoint is None and pretrained:
+            checkpoint = cached_resnet18_weights()
+        self.checkpoint = checkpoint
         if checkpoint is not None:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             net.load_state_dict(state)
@@ -114,9 +134,9 @@ def build_backbone(
     if name == "small-cnn":
         return SmallCNN(), Preprocess(image_size or 32, (127.5,) * 3, (127.5,) * 3)
     if name == "resnet18":
-        return ResNet18Features(False, checkpoint), Preprocess(image_size or 224, *IMAGENET)
+        return ResNet18Features(False, checkpoint, pretrained), Preprocess(image_size or 224, *IMAGENET)
     if name == "resnet18-cifar":
-        return ResNet18Features(True, checkpoint), Preprocess(image_size or 32, *IMAGENET)
+        return ResNet18Features(True, checkpoint, pretrained), Preprocess(image_size or 32, *IMAGENET)
     if name == "efficientnet-lite0":
         return EfficientNetLite0Features(pretrained), Preprocess(image_size or 128, (127.0,) * 3, (128.0,) * 3)
     raise ValueError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)}")
