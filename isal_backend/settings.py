@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 # (tests/test_settings.py checks it); copied so that reading settings never imports torch.
 KNOWN_BACKBONES = ("small-cnn", "resnet18", "resnet18-cifar", "efficientnet-lite0")
 KNOWN_STRATEGIES = ("isal", "isal-paper", "random", "entropy", "margin", "least-confidence", "coreset")
-TRAIN_MODES = ("head",)  # full fine-tuning of the backbone is not implemented yet: refused, never ignored
+TRAIN_MODES = ("head", "finetune")
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 SECRET_FIELDS = frozenset({"label_studio_api_key", "basic_auth_pass"})
 MASK = "***"
@@ -73,6 +73,7 @@ class Settings:
     job_retries: int = 3
     retry_backoff: tuple[int, ...] = (10, 60, 300)
     shard_size: int = 2000
+    finetune_epochs: int = 3
     delete_old_predictions: bool = True
     shard_lease_seconds: float = 300.0
     # Object detection projects (<RectangleLabels>); see isal_backend/jobs/detection_round.py.
@@ -128,7 +129,8 @@ class Settings:
             else r.integer("ISAL_TOP_K", 1, minimum=1, hint="or auto"),
             holdout_fraction=r.fraction("ISAL_HOLDOUT_FRACTION", 0.2),
             strategy=r.choice("ISAL_STRATEGY", "isal", KNOWN_STRATEGIES),
-            train_mode=r.train_mode("ISAL_TRAIN_MODE"),
+            train_mode=r.choice("ISAL_TRAIN_MODE", "head", TRAIN_MODES),
+            finetune_epochs=r.integer("ISAL_FINETUNE_EPOCHS", 3, minimum=1),
             device=r.device("ISAL_DEVICE", "cpu"),
             log_level=r.choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
             rq_queue=r.name("RQ_QUEUE", "isal"),
@@ -238,13 +240,6 @@ class _Reader:
         if normal not in choices:
             raise self._fail(name, value, "is not a known value", f"choose one of {', '.join(choices)}")
         return normal
-
-    def train_mode(self, name: str) -> str:
-        value = self._raw(name)
-        if value is not None and value.lower() == "finetune":
-            raise self._fail(name, value, "is not available: full fine-tuning of the backbone is not implemented "
-                             "yet", "use head (frozen backbone, linear head retrained every round) or unset it")
-        return self.choice(name, "head", TRAIN_MODES)
 
     def device(self, name: str, default: str) -> str:
         value = self._raw(name)

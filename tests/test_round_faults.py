@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import requests
+import torch
 from PIL import Image
 
 from isal_backend.jobs.round import Round
@@ -37,26 +38,32 @@ def choice(label: str) -> list[dict[str, Any]]:
     return [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]
 
 
-def test_bad_tasks_are_skipped_and_reported(label_studio: Any, tmp_path: Path) -> None:
-    headers = label_studio.legacy_headers
-    api = label_studio.url + "/api"
-    project = requests.post(f"{api}/projects", json={"title": "faults", "label_config": CONFIG}, headers=headers,
+def make_project(label_studio: Any, title: str, tasks: list[dict[str, str]]) -> tuple[int, dict[str, int]]:
+    """A classification project with these tasks; returns its id and each image's task id."""
+    headers, api = label_studio.legacy_headers, label_studio.url + "/api"
+    project = requests.post(f"{api}/projects", json={"title": title, "label_config": CONFIG}, headers=headers,
                             timeout=60).json()["id"]
+    r = requests.post(f"{api}/projects/{project}/import", json=tasks, headers=headers, timeout=60)
+    assert r.status_code == 201, r.text
+    listed = requests.get(f"{api}/tasks", params={"project": project, "page_size": 100}, headers=headers,
+                          timeout=60).json()["tasks"]
+    return project, {t["data"].get("image"): t["id"] for t in listed}
+
+
+def annotate(label_studio: Any, task: int, label: str) -> None:
+    requests.post(f"{label_studio.url}/api/tasks/{task}/annotations", json={"result": choice(label)},
+                  headers=label_studio.legacy_headers, timeout=60).raise_for_status()
+
+
+def test_bad_tasks_are_skipped_and_reported(label_studio: Any, tmp_path: Path) -> None:
     good = [{"image": data_url((200, 30, 30) if i % 2 else (30, 30, 200), i)} for i in range(16)]
     corrupt = "data:image/png;base64," + base64.b64encode(b"definitely not a png").decode()
     bad = [{"image": "http://127.0.0.1:9/unreachable.png"}, {"image": corrupt}, {"image": ""}]
-    r = requests.post(f"{api}/projects/{project}/import", json=good + bad, headers=headers, timeout=60)
-    assert r.status_code == 201, r.text
-    tasks = requests.get(f"{api}/tasks", params={"project": project, "page_size": 100}, headers=headers,
-                         timeout=60).json()["tasks"]
-    by_image = {t["data"].get("image"): t["id"] for t in tasks}
+    project, by_image = make_project(label_studio, "faults", good + bad)
     for i in range(8):
-        task = by_image[good[i]["image"]]
-        requests.post(f"{api}/tasks/{task}/annotations", json={"result": choice("red" if i % 2 else "blue")},
-                      headers=headers, timeout=60).raise_for_status()
+        annotate(label_studio, by_image[good[i]["image"]], "red" if i % 2 else "blue")
     off_config = by_image[good[8]["image"]]
-    requests.post(f"{api}/tasks/{off_config}/annotations", json={"result": choice("green")}, headers=headers,
-                  timeout=60).raise_for_status()
+    annotate(label_studio, off_config, "green")
 
     settings = Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token,
                         model_dir=tmp_path, backbone="small-cnn", write_top_m=0)
@@ -82,3 +89,31 @@ def test_label_studio_unreachable_fails_with_a_clear_message(tmp_path: Path) -> 
         Round(5, settings).run()
     assert "127.0.0.1:9" in str(info.value) and secret not in str(info.value)
     assert ModelStore(tmp_path).current_id(5) is None
+
+
+def test_finetune_rounds_adapt_the_backbone_and_keep_using_it(label_studio: Any, tmp_path: Path) -> None:
+    images = [{"image": data_url((200, 30, 30) if i % 2 else (30, 30, 200), 1000 + i)} for i in range(14)]
+    project, by_image = make_project(label_studio, "finetune", images)
+    for i in range(8):
+        annotate(label_studio, by_image[images[i]["image"]], "red" if i % 2 else "blue")
+    settings = Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token,
+                        model_dir=tmp_path, backbone="small-cnn", train_mode="finetune", finetune_epochs=3)
+    first = Round(project, settings).run()
+    assert first["train_mode"] == "finetune" and len(first["finetune_epoch_losses"]) == 3
+    assert first["finetune_epoch_losses"][-1] < first["finetune_epoch_losses"][0]
+    assert first["order"].startswith("isal:") and first["written"] == 6
+
+    later = Round(project, settings)  # what /predict and new-task scoring construct
+    assert later.featurizer.version == first["round_id"]
+    stock = Round(project, Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token,
+                                    model_dir=tmp_path, backbone="small-cnn"))
+    ref = images[10]["image"]
+    tuned_feats, _ = later.featurizer([ref], later.load_image)
+    stock_feats, _ = stock.featurizer([ref], stock.load_image)
+    assert not torch.allclose(tuned_feats[ref], stock_feats[ref])
+
+    annotate(label_studio, by_image[images[8]["image"]], "blue")
+    second = later.run()  # warm-started from the first round's fine-tuned backbone
+    assert second["labeled"] == 9 and second["train_mode"] == "finetune"
+    versions = tmp_path / "projects" / str(project) / "features" / "small-cnn" / "finetuned"
+    assert [p.name for p in versions.iterdir()] == [second["round_id"]]  # the old version's cache is gone

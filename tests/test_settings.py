@@ -33,13 +33,13 @@ def test_every_variable_is_read():
         "LABEL_STUDIO_URL": "https://ls.example.com/", "LABEL_STUDIO_API_KEY": "k", "REDIS_URL": "redis://r:6379/2",
         "MODEL_DIR": "/data/m", "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "p", "ISAL_WRITE_TOP_M": "0",
         "ISAL_BACKBONE": "resnet18", "ISAL_TOP_K": "3", "ISAL_HOLDOUT_FRACTION": "0", "ISAL_STRATEGY": "margin",
-        "ISAL_TRAIN_MODE": "head", "ISAL_DEVICE": "cuda:1", "LOG_LEVEL": "debug", "RQ_QUEUE": "q1",
+        "ISAL_TRAIN_MODE": "finetune", "ISAL_DEVICE": "cuda:1", "LOG_LEVEL": "debug", "RQ_QUEUE": "q1",
         "ISAL_LEASE_SECONDS": "2.5", "ISAL_JOB_RETRIES": "0", "ISAL_RETRY_BACKOFF": "1,2",
     })
     assert s.label_studio_url == "https://ls.example.com" and s.redis_url == "redis://r:6379/2" and not s.embedded
     assert s.model_dir == Path("/data/m") and s.basic_auth_enabled and s.write_top_m == 0
     assert (s.backbone, s.top_k, s.holdout_fraction, s.strategy) == ("resnet18", 3, 0.0, "margin")
-    assert (s.train_mode, s.device, s.log_level, s.rq_queue) == ("head", "cuda:1", "DEBUG", "q1")
+    assert (s.train_mode, s.device, s.log_level, s.rq_queue) == ("finetune", "cuda:1", "DEBUG", "q1")
     assert (s.lease_seconds, s.job_retries, s.retry_backoff) == (2.5, 0, (1, 2))
 
 
@@ -55,8 +55,7 @@ def test_every_variable_is_read():
         ("ISAL_HOLDOUT_FRACTION", "1.5", "[0, 1)"),
         ("ISAL_HOLDOUT_FRACTION", "abc", "[0, 1)"),
         ("ISAL_STRATEGY", "best", "isal"),
-        ("ISAL_TRAIN_MODE", "full", "choose one of head"),
-        ("ISAL_TRAIN_MODE", "finetune", "not implemented yet"),
+        ("ISAL_TRAIN_MODE", "full", "head, finetune"),
         ("ISAL_DEVICE", "gpu", "cuda"),
         ("LOG_LEVEL", "LOUD", "DEBUG"),
         ("RQ_QUEUE", "a queue", "letters"),

@@ -43,6 +43,7 @@ from isal_backend.labelstudio.config import (
 from isal_backend.labelstudio.convert import AnnotationSkipped, build_predictions, prediction_result, task_label
 from isal_backend.labelstudio.images import decode_image
 from isal_backend.models.featurizer import Featurizer
+from isal_backend.models.finetune import finetune_backbone
 from isal_backend.queue.context import current_job
 from isal_backend.settings import Settings, project_credentials
 from isal_backend.status import record_round
@@ -104,12 +105,38 @@ class Round:
         credentials = project_credentials(settings, self.project_id)
         self.client = client or LabelStudioClient(credentials.url, credentials.api_key)
         self.store = ModelStore(settings.model_dir)
-        self.featurizer = Featurizer(
-            settings.backbone, self.store.project_dir(self.project_id) / "features", settings.device
-        )
+        self.featurizer = self.current_featurizer()
         self.timings: dict[str, float] = {}
         self.round_id: str | None = None
         self.shards: dict[str, Any] | None = None
+
+    def current_featurizer(self) -> Featurizer:
+        """The stock backbone, or (ISAL_TRAIN_MODE=finetune) the current round's fine-tuned one."""
+        folder = self.store.project_dir(self.project_id) / "features"
+        stored = self.store.load(self.project_id) if self.settings.train_mode == "finetune" else None
+        weights = {k[len("backbone."):]: v for k, v in stored.tensors.items() if k.startswith("backbone.")} \
+            if stored is not None else {}
+        if weights:
+            return Featurizer(self.settings.backbone, folder, self.settings.device, version=stored.round_id,
+                              weights=weights)
+        return Featurizer(self.settings.backbone, folder, self.settings.device)
+
+    def finetune(self, tasks: list[dict[str, Any]], labels: torch.Tensor, config: ClassificationConfig,
+                 report: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Fine-tune the backbone on the labeled images and switch this round's featurizer to it."""
+        start = time.perf_counter()
+        size = self.featurizer._loaded()[1].size
+        images = np.stack([
+            np.asarray(self.load_image(image_reference(t, config)).convert("RGB").resize((size, size)), np.uint8)
+            for t in tasks])
+        weights, losses = finetune_backbone(
+            self.settings.backbone, self.featurizer.weights, images, labels.numpy(), len(config.labels),
+            epochs=self.settings.finetune_epochs, device=self.settings.device, seed=self.project_id)
+        self.featurizer = Featurizer(self.settings.backbone, self.store.project_dir(self.project_id) / "features",
+                                     self.settings.device, version=self.round_id or "finetuned", weights=weights)
+        report.update({"train_mode": "finetune", "finetune_epoch_losses": [round(v, 4) for v in losses]})
+        self._timed("finetune_seconds", start)
+        return {f"backbone.{k}": v for k, v in weights.items()}
 
     def _timed(self, name: str, start: float) -> None:
         self.timings[name] = round(time.perf_counter() - start, 4)
@@ -151,8 +178,8 @@ class Round:
 
     def shard_features(self, references: list[str]) -> None:
         """With RQ and more uncached images than one shard, let every worker compute a share first."""
-        if self.settings.redis_url is None or self.round_id is None:
-            return
+        if self.settings.redis_url is None or self.round_id is None or self.settings.train_mode == "finetune":
+            return  # fine-tuned backbones change every round: other workers could not know this one
         missing = self.featurizer.missing(references)
         if len(missing) <= self.settings.shard_size:
             return
@@ -174,16 +201,19 @@ class Round:
         labeled_tasks, labeled_x = self.features([t for t, _ in data.labeled], config, data.skipped)
         label_of = {t["id"]: y for t, y in data.labeled}
         labeled_y = torch.tensor([label_of[t["id"]] for t in labeled_tasks], dtype=torch.long)
+        report: dict[str, Any] = {"round_id": round_id, "project": self.project_id, "labels": config.labels,
+                                  "strategy": self.settings.strategy, "train_mode": "head"}
+        tensors: dict[str, torch.Tensor] = {}
+        if self.settings.train_mode == "finetune" and torch.unique(labeled_y).numel() >= 2:
+            tensors.update(self.finetune(labeled_tasks, labeled_y, config, report))
+            labeled_tasks, labeled_x = self.features(labeled_tasks, config, data.skipped)
+            labeled_y = torch.tensor([label_of[t["id"]] for t in labeled_tasks], dtype=torch.long)
         pool_tasks, pool_x = self.features(data.unlabeled, config, data.skipped)
         self._timed("features_seconds", start)
 
         start = time.perf_counter()
         state = PoolState(labeled_x, labeled_y, pool_x, num_classes, WEIGHT_DECAY, seed=self.project_id)
-        tensors: dict[str, torch.Tensor] = {}
-        report: dict[str, Any] = {
-            "round_id": round_id, "project": self.project_id, "labels": config.labels,
-            "labeled": len(labeled_tasks), "unlabeled": len(pool_tasks), "strategy": self.settings.strategy,
-        }
+        report.update({"labeled": len(labeled_tasks), "unlabeled": len(pool_tasks)})
         count = len(pool_tasks) if self.settings.write_top_m == 0 else min(self.settings.write_top_m, len(pool_tasks))
         order, head, pool_scores = self.order(state, count, tensors, report)
         self._timed("train_and_score_seconds", start)
@@ -220,6 +250,7 @@ class Round:
         report["seconds"] = self.timings["total_seconds"]
         self.store.commit(self.project_id, round_id, tensors, report)
         self.store.prune(self.project_id)
+        self.featurizer.drop_other_versions()
         bulky = ("skipped", "notes", "top_tasks")
         record_round(self.project_id, {k: v for k, v in report.items() if k not in bulky}, self.settings)
         log.info("project %s round %s: %s labeled, %s scored, %s written, order %s, %.2f s", self.project_id,

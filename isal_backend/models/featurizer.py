@@ -8,6 +8,7 @@ makes "retrain on every annotation" cheap.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +20,10 @@ from PIL import Image
 from isal_backend.models.backbones import build_backbone, extract_features
 from isal_backend.store import FeatureCache
 
-_MODELS: dict[tuple[str, str], tuple[torch.nn.Module, object]] = {}
+_MODELS: dict[tuple[str, str, str], tuple[torch.nn.Module, object]] = {}
 _LOCK = threading.Lock()
+#: The backbone as shipped (ImageNet or random weights); fine-tuned versions are named by their round.
+STOCK = "stock"
 
 
 def cache_key(reference: str) -> str:
@@ -28,26 +31,51 @@ def cache_key(reference: str) -> str:
     return hashlib.sha1(reference.encode("utf-8")).hexdigest()
 
 
-def _backbone(name: str, device: str):
+def _backbone(name: str, device: str, version: str = STOCK, weights: dict[str, torch.Tensor] | None = None):
+    """The process's one copy of a backbone version (fine-tuned versions carry their weights)."""
     with _LOCK:
-        if (name, device) not in _MODELS:
+        if (name, device, version) not in _MODELS:
+            if version != STOCK:  # only the current fine-tuned version is kept besides the stock one
+                for key in [k for k in _MODELS if k[2] != STOCK]:
+                    del _MODELS[key]
             net, preprocess = build_backbone(name)
-            _MODELS[(name, device)] = (net.eval().to(device), preprocess)
-        return _MODELS[(name, device)]
+            if weights is not None:
+                net.load_state_dict(weights)
+            _MODELS[(name, device, version)] = (net.eval().to(device), preprocess)
+        return _MODELS[(name, device, version)]
 
 
 class Featurizer:
-    """Features of task images by reference; failures are returned, never raised."""
+    """Features of task images by reference; failures are returned, never raised.
 
-    def __init__(self, backbone: str, cache_dir: str | Path, device: str = "cpu", batch_size: int = 64) -> None:
+    ``version``/``weights``: a fine-tuned backbone (ISAL_TRAIN_MODE=finetune) with its own cache folder.
+    """
+
+    def __init__(self, backbone: str, cache_dir: str | Path, device: str = "cpu", batch_size: int = 64,
+                 version: str = STOCK, weights: dict[str, torch.Tensor] | None = None) -> None:
         self.backbone_name = backbone
         self.device = device
         self.batch_size = batch_size
-        self.cache = FeatureCache(Path(cache_dir) / backbone)
+        self.version = version
+        self.weights = weights
+        folder = Path(cache_dir) / backbone
+        self.cache = FeatureCache(folder if version == STOCK else folder / "finetuned" / version)
 
     @property
     def model(self) -> torch.nn.Module:
-        return _backbone(self.backbone_name, self.device)[0]
+        return self._loaded()[0]
+
+    def _loaded(self):
+        return _backbone(self.backbone_name, self.device, self.version, self.weights)
+
+    def drop_other_versions(self) -> None:
+        """Delete the feature caches of fine-tuned backbones other than this one (they are never read again)."""
+        folder = self.cache.folder.parent if self.version != STOCK else self.cache.folder / "finetuned"
+        if not folder.is_dir():
+            return
+        for old in folder.iterdir():
+            if old != self.cache.folder:
+                shutil.rmtree(old, ignore_errors=True)
 
     def missing(self, references: list[str]) -> list[str]:
         """The references (deduplicated) whose features are not cached yet."""
@@ -65,7 +93,7 @@ class Featurizer:
         missing = [ref for ref in dict.fromkeys(references) if ref not in out]
         failures: dict[str, str] = {}
         if missing:
-            net, preprocess = _backbone(self.backbone_name, self.device)
+            net, preprocess = self._loaded()
             for start in range(0, len(missing), self.batch_size):
                 batch_refs, arrays = [], []
                 for ref in missing[start : start + self.batch_size]:
