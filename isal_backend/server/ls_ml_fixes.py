@@ -2,7 +2,7 @@
 
 We keep label-studio-ml's app (``label_studio_ml.api``, initialised through ``init_app`` with a
 ``LabelStudioMLBase`` subclass) and its URL map, and replace, in this one module, what is broken in 1.0.9
-(see ``/work/shared/docs/label-studio.md``):
+(see ``../shared/docs/label-studio.md`` beside the repository):
 
 1. ``RQJobManager.MAX_QUEUE_LEN = 1`` drops a second waiting job ("Maximal RQ queue len 1 reached"), so
    events are lost -> /webhook goes through :mod:`isal_backend.queue`: per project one job runs and one
