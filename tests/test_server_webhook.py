@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from isal_backend.server import create_app
+from isal_backend.server.webhook import parse_webhook
 from isal_backend.settings import Settings
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "label-studio-samples"
@@ -121,3 +122,9 @@ def test_wrong_method_and_unknown_route_answer_json(client):
     assert r.status_code == 404 and "error" in r.get_json()
     r = client.post("/train", json={})
     assert r.status_code == 410 and "START_TRAINING" in r.get_json()["error"]
+
+
+def test_deleted_tasks_lead_to_a_retrain() -> None:
+    """Deleted tasks may have carried labels, and the stream must stop serving them."""
+    event = parse_webhook({"action": "TASKS_DELETED", "project": {"id": 3}})
+    assert event.retrain and event.project_id == 3

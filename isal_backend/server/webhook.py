@@ -10,15 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+# TASKS_DELETED too: deleted tasks may have carried labels, and the stream's order must drop them.
 RETRAIN_ACTIONS = frozenset(
-    {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED", "ANNOTATIONS_CREATED", "START_TRAINING"}
+    {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED", "ANNOTATIONS_CREATED", "START_TRAINING",
+     "TASKS_DELETED"}
 )
 SCORE_ACTIONS = frozenset({"TASKS_CREATED"})
 # Sent by Label Studio with send_for_all_actions: acknowledged, no job. PROJECT_UPDATED in particular is
 # sent for the backend's own project PATCHes: retraining on it would loop.
 IGNORED_ACTIONS = frozenset(
     {
-        "PROJECT_UPDATED", "PROJECT_CREATED", "PROJECT_DELETED", "TASKS_DELETED",
+        "PROJECT_UPDATED", "PROJECT_CREATED", "PROJECT_DELETED",
         "LABEL_LINK_CREATED", "LABEL_LINK_UPDATED", "LABEL_LINK_DELETED",
         "REVIEW_CREATED", "REVIEW_UPDATED", "REVIEWS_DELETED",
     }
