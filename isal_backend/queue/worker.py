@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
+import time
 
 from redis import Redis
 from rq import Queue, Worker
@@ -28,6 +29,25 @@ def _sweeper(co: RedisCoalescer, stop: threading.Event, interval_s: float) -> No
             logger.warning("coalescing sweep failed", exc_info=True)
 
 
+def preload_job_code() -> float:
+    """Import the job code (torch, torchvision, the optimiser machinery) once, before RQ forks.
+
+    RQ runs every job in a fresh fork of this process: what is imported here is inherited for free, what
+    is not is imported again by every job (measured: about 6 s of a 10 s round on 2 cores). Only imports
+    happen here, no torch computation, so the forks start from a clean thread pool.
+    """
+    start = time.perf_counter()
+    import torch._dynamo  # noqa: F401 - torch.optim's LBFGS pulls it in on first use
+
+    import isal_backend.jobs.detection_round  # noqa: F401
+    import isal_backend.jobs.round  # noqa: F401
+    import isal_backend.jobs.shards  # noqa: F401
+
+    seconds = time.perf_counter() - start
+    logger.info("job code preloaded in %.1f s", seconds)
+    return seconds
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the worker until stopped (or until the queue is empty with ``--burst``)."""
     settings = Settings.from_env()
@@ -37,6 +57,7 @@ def main(args: argparse.Namespace) -> int:
             "as the server's); without REDIS_URL the server runs jobs itself and no worker is needed"
         )
     configure_logging(settings)
+    preload_job_code()
     conn = Redis.from_url(settings.redis_url)
     conn.ping()
     co = RedisCoalescer.from_settings(settings)
