@@ -1,6 +1,6 @@
 """DetectionInfluence against plain autograd through the WHOLE torchvision FCOS, on a tiny detector.
 
-Tiny: 64 px images, an 8-channel FPN and one tower conv, random init, float64. The reference for
+Tiny: 64 px images, a 4-channel FPN and one tower conv, random init, float64. The reference for
 every check is torchvision's own train-mode forward (its matching and loss), so the cached-tower
 shortcut and the re-implemented per-image loss are both under test.
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from isal_backend.detection.detector import DetectorConfig, LiteFCOS, build_detector, train_detector
-from isal_backend.detection.influence import DetectionInfluence, solve_detection_s_test
+from isal_backend.detection.influence import DetectionInfluence, preconditioned_cg, solve_detection_s_test
 from isal_backend.influence.solvers import LissaConfig
 
 
@@ -178,7 +178,7 @@ def test_parameter_subset_and_lissa_paper_fixed_point(tiny) -> None:
     problem = DetectionInfluence(model, images, targets, ref_images, ref_targets, params=("bbox_ctrness",))
     assert problem.dim == 37
     dense, v = problem.dense_hessian(), problem.reference_gradient()
-    cg, report = solve_detection_s_test(problem, "cg", tol=1e-10, max_iter=500)
+    cg, report = solve_detection_s_test(problem, "cg", tol=1e-10, max_iter=500, curvature="hessian")
     assert report.relative_residual < 1e-9
     assert torch.allclose(cg, torch.linalg.solve(dense, v), rtol=1e-6, atol=1e-10)
     scale = max(10.0, 2.0 * torch.linalg.eigvalsh(dense).max().item())
@@ -186,6 +186,63 @@ def test_parameter_subset_and_lissa_paper_fixed_point(tiny) -> None:
     estimate, _ = solve_detection_s_test(problem, "lissa", lissa_config=config)
     exact = scale * torch.linalg.solve(dense + scale * 0.35 * torch.eye(37, dtype=torch.float64), v)
     assert torch.allclose(estimate, exact, rtol=1e-4, atol=1e-8)
+
+
+def _dense_ggn_by_jacobians(problem: DetectionInfluence) -> torch.Tensor:
+    """``(1/n) sum_chunks J^T P(H_out) J + weight_decay I`` from dense Jacobians and dense output Hessians."""
+    flat0 = problem._flatten(problem.params)
+    total = torch.zeros(problem.dim, problem.dim, dtype=torch.float64)
+    for chunk in problem.train_chunks:
+        shapes = {k: v.shape for k, v in LiteFCOS.final_outputs(problem.params | problem.fixed, chunk.cls,
+                                                                 chunk.reg).items()}
+        sizes = [s.numel() for s in shapes.values()]
+
+        def outputs(flat: torch.Tensor, c=chunk) -> torch.Tensor:
+            out = LiteFCOS.final_outputs({**problem.fixed, **problem._unflatten(flat)}, c.cls, c.reg)
+            return torch.cat([t.reshape(-1) for t in out.values()])
+
+        def loss(flat_out: torch.Tensor, c=chunk, shp=shapes, sz=sizes) -> torch.Tensor:
+            parts = dict(zip(shp, torch.split(flat_out, sz), strict=True))
+            return problem.losses_from_outputs({k: t.reshape(shp[k]) for k, t in parts.items()}, c).sum()
+
+        jac = torch.func.jacrev(outputs)(flat0)
+        h_out = torch.func.hessian(loss)(outputs(flat0))
+        values, vectors = torch.linalg.eigh(0.5 * (h_out + h_out.T))  # the whole output Hessian, projected
+        total += jac.T @ ((vectors * values.clamp_min(0)) @ vectors.T) @ jac
+    return total / problem.num_train + problem.weight_decay * torch.eye(problem.dim, dtype=torch.float64)
+
+
+def test_ggn_is_jt_projected_output_hessian_j_and_psd_where_the_hessian_is_not(tiny) -> None:
+    model, images, targets, ref_images, ref_targets = tiny
+    problem = DetectionInfluence(model, images, targets, ref_images, ref_targets, weight_decay=0.0, batch_size=3)
+    ggn = problem.dense_ggn()
+    expected = _dense_ggn_by_jacobians(problem)
+    assert torch.linalg.matrix_norm(ggn - expected) <= 1e-10 * torch.linalg.matrix_norm(expected)
+    # the per-conv blocks the preconditioner factors are all of G (nothing between convs)
+    blocks = torch.block_diag(*problem.ggn_blocks().values())
+    assert torch.linalg.matrix_norm(blocks - ggn) <= 1e-10 * torch.linalg.matrix_norm(ggn)
+    ggn_eigs = torch.linalg.eigvalsh(ggn)
+    assert ggn_eigs[0] >= -1e-10 * ggn_eigs[-1]  # PSD up to rounding, with no weight decay at all
+    hessian_eigs = torch.linalg.eigvalsh(0.5 * (problem.dense_hessian() + problem.dense_hessian().T))
+    assert hessian_eigs[0] < -0.1 * hessian_eigs[-1]  # why: the exact Hessian is far from definite
+
+
+def test_ggn_solve_reaches_tolerance_within_the_bench_budget(tiny) -> None:
+    model, images, targets, ref_images, ref_targets = tiny
+    problem = DetectionInfluence(model, images, targets, ref_images, ref_targets, damping=0.01, batch_size=3)
+    v = problem.reference_gradient()
+    exact = torch.linalg.solve(problem.dense_ggn(), v)
+    s_test, report = solve_detection_s_test(problem, "cg", max_iter=10)  # the QUICK bench's budget
+    assert report.method == "pcg-ggn" and report.iterations <= 3
+    assert report.relative_residual <= 1e-6
+    assert torch.allclose(s_test, exact, rtol=1e-6, atol=1e-9)
+    chol, report = solve_detection_s_test(problem, "cholesky")
+    assert report.relative_residual <= 1e-10 and torch.allclose(chol, exact, rtol=1e-8, atol=1e-12)
+    # without the block preconditioner plain CG on the same PSD system is far from done after 10 products
+    _, plain = preconditioned_cg(problem.ggn_vp, v, None, tol=1e-6, max_iter=10)
+    assert plain.relative_residual > 10 * report.relative_residual
+    with pytest.raises(ValueError, match="curvature"):
+        solve_detection_s_test(problem, "cg", curvature="fisher")
 
 
 def test_warm_start_keeps_weights_and_continues() -> None:
