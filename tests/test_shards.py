@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -29,12 +30,13 @@ def settings(tmp_path: Path) -> Iterator[Settings]:
         r.delete(key)
 
 
-def _helper(settings: Settings, project_dir: str, round_id: str, out: str) -> None:
+def _helper(settings: Settings, project_dir: str, round_id: str, out: str, ready: Any) -> None:
     """A second worker: takes whatever shards it can claim, writes down the references it featurized."""
     plan = ShardPlan(settings, Path(project_dir), round_id, redis.Redis.from_url(REDIS_URL))
+    ready.set()  # started and connected: a slow interpreter start must not decide the test
 
     def featurize(refs: list[str]) -> None:
-        time.sleep(0.05)
+        time.sleep(0.2)
         with Path(out).open("a") as fh:
             fh.write("\n".join(refs) + "\n")
 
@@ -52,10 +54,13 @@ def test_two_workers_share_a_round_and_compute_each_shard_once(settings: Setting
     refs = [f"img-{i}" for i in range(43)]
     out = tmp_path / "helper.txt"
     out.touch()
-    helper = mp.get_context("spawn").Process(target=_helper, args=(settings, str(tmp_path), "r1", str(out)))
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    helper = ctx.Process(target=_helper, args=(settings, str(tmp_path), "r1", str(out), ready))
     helper.start()
+    assert ready.wait(120), "the helper worker did not start"
     mine: list[str] = []
-    report = featurize_in_shards(settings, tmp_path, "r1", refs, lambda r: (time.sleep(0.05), mine.extend(r)), 1)
+    report = featurize_in_shards(settings, tmp_path, "r1", refs, lambda r: (time.sleep(0.2), mine.extend(r)), 1)
     helper.join(30)
     theirs = [line for line in out.read_text().splitlines() if line]
     assert report["count"] == 9 and len(report["computed_by"]) == 9
