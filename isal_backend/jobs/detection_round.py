@@ -51,7 +51,7 @@ from isal_backend.detection.metrics import mean_average_precision
 from isal_backend.influence import PAPER_LISSA
 from isal_backend.jobs.round import Round, image_reference, new_round_id, score_to_unit_interval
 from isal_backend.labelstudio.config import DetectionConfig, LabelConfigError, parse_project_config
-from isal_backend.labelstudio.convert import AnnotationSkipped, _recency, rank_scores
+from isal_backend.labelstudio.convert import AnnotationSkipped, latest_annotation, rank_scores
 from isal_backend.settings import Settings
 from isal_backend.store import RoundState
 from isal_backend.strategies.baselines import k_center_greedy
@@ -121,13 +121,7 @@ def task_boxes(
     the ``original_width`` stored in the region: percent is what the annotator drew on this image.
     """
     task_id = task.get("id")
-    annotations = [a for a in task.get("annotations") or [] if isinstance(a, Mapping)]
-    if not annotations:
-        raise AnnotationSkipped("task has no annotations", task_id=task_id)
-    live = [a for a in annotations if not a.get("was_cancelled")]
-    if not live:
-        raise AnnotationSkipped("all annotations of the task were cancelled", task_id=task_id)
-    latest = max(live, key=_recency)
+    latest = latest_annotation(task)
     result = [r for r in latest.get("result") or [] if isinstance(r, Mapping)]
     issues: list[BoxIssue] = []
     ours = []

@@ -60,6 +60,13 @@ def task_label(task: Mapping[str, Any], config: ClassificationConfig) -> str:
 
     An unusable latest annotation is NOT replaced by an older one: the newer one supersedes it.
     """
+    annotation = dict(latest_annotation(task))
+    annotation.setdefault("task", task.get("id"))
+    return annotation_label(annotation, config)
+
+
+def latest_annotation(task: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The task's latest non-cancelled annotation, or AnnotationSkipped saying why there is none."""
     task_id = task.get("id")
     annotations = [a for a in task.get("annotations") or [] if isinstance(a, Mapping)]
     if not annotations:
@@ -67,10 +74,7 @@ def task_label(task: Mapping[str, Any], config: ClassificationConfig) -> str:
     live = [a for a in annotations if not a.get("was_cancelled")]
     if not live:
         raise AnnotationSkipped("all annotations of the task were cancelled", task_id=task_id)
-    latest = max(live, key=_recency)
-    annotation = dict(latest)
-    annotation.setdefault("task", task_id)
-    return annotation_label(annotation, config)
+    return max(live, key=_recency)
 
 
 def prediction_result(config: ClassificationConfig, label: str) -> list[dict[str, Any]]:
