@@ -25,6 +25,7 @@ from isal_backend.bench import report
 from isal_backend.bench.datasets import BUILTIN, DataSpec, FeatureSet, check_dataset, load_features
 from isal_backend.influence import LinearHead, fit_linear_head
 from isal_backend.strategies import STRATEGIES, NotEnoughLabels, PoolState, RandomStrategy, Strategy, get_strategy
+from isal_backend.threads import single_torch_thread
 
 
 @dataclass(frozen=True)
@@ -184,17 +185,10 @@ def run_benchmark(
 ) -> dict[str, object]:
     """Every strategy on every seed; writes curves.csv and summary.json after each seed, the plot at the end.
 
-    The loop runs torch on ONE thread: its tensors are small (a 128-d head, at most a pool of
-    features), and with two intra-op threads on a shared 2-core machine every tiny op waits on an
-    OpenMP barrier (measured: cross-entropy + backward on 72 x 129 took 23 ms with 2 threads
-    against 0.64 ms with 1).
+    The loop runs torch on ONE thread (see :mod:`isal_backend.threads`): its tensors are small.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_torch_thread():
         return _run_benchmark(features, strategies, seeds, protocol, out, meta, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_benchmark(

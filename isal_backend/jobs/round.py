@@ -24,8 +24,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -52,23 +50,11 @@ from isal_backend.status import record_round
 from isal_backend.store import ModelStore, RoundState
 from isal_backend.strategies import CoresetStrategy, IsalStrategy, NotEnoughLabels, PoolState, get_strategy
 from isal_backend.strategies.isal import InfluenceUnit, holdout_split, score_units
+from isal_backend.threads import single_torch_thread
 
 log = logging.getLogger(__name__)
 
 WEIGHT_DECAY = 1e-3
-
-
-@contextmanager
-def single_torch_thread() -> Iterator[None]:
-    """Run small linear algebra on one thread: heads and influence over a few thousand parameters gain
-    nothing from a second one, and on a busy machine each tiny operation waits for it (measured on 2
-    shared cores: 8-9 s with two threads, 0.4-0.7 s with one, for the same cross-fitted round)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def new_round_id() -> str:
