@@ -64,7 +64,7 @@ def test_two_workers_share_a_round_and_compute_each_shard_once(settings: Setting
     helper.join(30)
     theirs = [line for line in out.read_text().splitlines() if line]
     assert report["count"] == 9 and len(report["computed_by"]) == 9
-    assert sorted(mine + theirs) == sorted(refs)  # each image once, none lost
+    assert sorted(mine + theirs) == sorted(refs), (sorted(mine), sorted(theirs))  # each image once, none lost
     assert theirs and mine  # both workers took part
     assert len(set(report["computed_by"])) == 2
     assert not (tmp_path / "shards" / "r1").exists()  # cleaned up

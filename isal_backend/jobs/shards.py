@@ -71,21 +71,26 @@ class ShardPlan:
         return bool(self.redis.exists(f"{self.key}:claim:{index}"))
 
     def finish(self, index: int) -> None:
+        # The claim stays until its lease ends: deleting it would let a worker that checked ``done`` just
+        # before this line claim the shard again and compute it twice.
         self.redis.set(f"{self.key}:done:{index}", worker_name(), ex=24 * 3600)
-        self.redis.delete(f"{self.key}:claim:{index}")
 
     def cleanup(self, count: int) -> None:
-        keys = [f"{self.key}:count"] + [f"{self.key}:{kind}:{i}" for i in range(count) for kind in ("claim", "done")]
-        self.redis.delete(*keys)
+        # Files first: once the keys are gone a late worker could claim a shard again, but with its
+        # references gone it finds nothing to compute.
         for path in self.folder.glob("*.json"):
             path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.folder.rmdir()
+        keys = [f"{self.key}:count"] + [f"{self.key}:{kind}:{i}" for i in range(count) for kind in ("claim", "done")]
+        self.redis.delete(*keys)
 
 
 def run_shard(plan: ShardPlan, index: int, featurize: Callable[[list[str]], Any]) -> bool:
     """Compute one shard if this worker can claim it; True when it did."""
     if plan.done(index) or not plan.claim(index):
+        return False
+    if plan.done(index):  # finished by another worker between the two checks above
         return False
     try:
         references = plan.references(index)
