@@ -151,6 +151,14 @@ class Settings:
         )
 
 
+def _as_float(value: str) -> float:
+    """The number, or NaN (which fails every range check) when the text is not one."""
+    try:
+        return float(value)
+    except ValueError:
+        return float("nan")
+
+
 class _Reader:
     """Per-type parsing with uniform error messages."""
 
@@ -212,10 +220,7 @@ class _Reader:
         value = self._raw(name)
         if value is None:
             return default
-        try:
-            number = float(value)
-        except ValueError:
-            number = float("nan")
+        number = _as_float(value)
         if not number > 0 or number == float("inf"):
             raise self._fail(name, value, "is not a positive number of seconds", f"set it to e.g. {default:g}")
         return number
@@ -224,10 +229,7 @@ class _Reader:
         value = self._raw(name)
         if value is None:
             return default
-        try:
-            number = float(value)
-        except ValueError:
-            number = float("nan")
+        number = _as_float(value)
         if not 0.0 <= number < 1.0:
             raise self._fail(name, value, "is not a fraction in [0, 1)", f"set it to e.g. {default}")
         return number

@@ -110,13 +110,7 @@ def _parse_detection(root: ET.Element) -> DetectionConfig:
         raise _error(f"label config has {len(rectangles)} <RectangleLabels> tags, only one is supported")
     image, tag = images[0], rectangles[0]
     image_name, value = _image_name_and_value(image)
-    labels_name = (tag.get("name") or "").strip()
-    if not labels_name:
-        raise _error("<RectangleLabels> has no name attribute")
-    to_names = [n.strip() for n in (tag.get("toName") or "").split(",") if n.strip()]
-    if to_names != [image_name]:
-        raise _error(f'<RectangleLabels name="{labels_name}"> toName="{tag.get("toName")}" must point to the '
-                     f'<Image name="{image_name}">')
+    labels_name = _control_name(tag, "RectangleLabels", image_name)
     if tag.get("choice") not in _CHOICE_MODES:
         raise _error(f'<RectangleLabels name="{labels_name}"> choice="{tag.get("choice")}" is not supported '
                      "(one label per box)")
@@ -133,6 +127,18 @@ def _parse_detection(root: ET.Element) -> DetectionConfig:
     if not labels:
         raise _error(f'<RectangleLabels name="{labels_name}"> needs at least one <Label>')
     return DetectionConfig(image_name=image_name, image_value_key=value[1:], labels_name=labels_name, labels=labels)
+
+
+def _control_name(tag: ET.Element, kind: str, image_name: str) -> str:
+    """The control tag's name, refusing a missing name or a ``toName`` other than the one <Image>."""
+    name = (tag.get("name") or "").strip()
+    if not name:
+        raise _error(f"<{kind}> has no name attribute")
+    to_names = [n.strip() for n in (tag.get("toName") or "").split(",") if n.strip()]
+    if to_names != [image_name]:
+        raise _error(f'<{kind} name="{name}"> toName="{tag.get("toName")}" must point to the '
+                     f'<Image name="{image_name}">')
+    return name
 
 
 def parse_label_config(xml: str) -> ClassificationConfig:
@@ -164,13 +170,7 @@ def parse_label_config(xml: str) -> ClassificationConfig:
 
     image, choice_tag = images[0], choices[0]
     image_name, value = _image_name_and_value(image)
-    choices_name = (choice_tag.get("name") or "").strip()
-    if not choices_name:
-        raise _error("<Choices> has no name attribute")
-    to_names = [n.strip() for n in (choice_tag.get("toName") or "").split(",") if n.strip()]
-    if to_names != [image_name]:
-        raise _error(f'<Choices name="{choices_name}"> toName="{choice_tag.get("toName")}" must point to the '
-                     f'<Image name="{image_name}">')
+    choices_name = _control_name(choice_tag, "Choices", image_name)
     mode = choice_tag.get("choice")
     if mode not in _CHOICE_MODES:
         raise _error(f'<Choices name="{choices_name}"> choice="{mode}" is not supported (single-label only)')
