@@ -21,7 +21,6 @@ from isal_backend.jobs.detection_round import (
     DetectionData,
     DetectionRound,
     Sample,
-    holdout_images,
     prelabel,
     shrink,
     task_boxes,
@@ -136,17 +135,6 @@ def test_split_reports_every_bad_task_and_keeps_the_rest(tmp_path: Path) -> None
     assert torch.allclose(sample.target["boxes"].double(), torch.tensor([[6.4, 3.2, 38.4, 19.2]], dtype=torch.float64))
 
 
-def test_holdout_is_deterministic_disjoint_and_never_empty() -> None:
-    train, ref = holdout_images(10, 0.2, seed=3)
-    again = holdout_images(10, 0.2, seed=3)
-    assert train.tolist() == again[0].tolist() and ref.tolist() == again[1].tolist()
-    assert len(ref) == 2 and sorted([*train, *ref]) == list(range(10))
-    train, ref = holdout_images(3, 0.0, seed=0)
-    assert len(ref) == 1 and len(train) == 2
-    with pytest.raises(ValueError, match="2 usable annotated images"):
-        holdout_images(2, 0.2, seed=0)
-
-
 def test_prelabels_go_back_to_percent_of_the_decoded_image_with_scores() -> None:
     original = Image.new("RGB", (641, 479))
     sample = Sample({"id": 1}, "ref", shrink(original, 320), original.size)
@@ -201,7 +189,8 @@ def test_isal_order_on_real_images_with_cold_start_and_warm_start(tmp_path: Path
     report = {}
     order, detections = round_.rank_pool(DetectionData(config, samples(range(6), True), pool), 5, tensors, report)
     assert report["order"].startswith("isal:") and report["warm_start"] is False
-    assert (report["train_size"], report["reference_size"], report["train_steps"]) == (5, 1, 4)
+    assert report["train_size"] + report["reference_size"] == 6 and report["train_steps"] == 4
+    assert report["reference_size"] >= 1 and "strategy_note" not in report
     scores = tensors["pool_scores_sorted"]
     assert scores.numel() == 8 and torch.isfinite(scores).all()
     assert len(order) == 5 and len(set(order.tolist())) == 5 and len(detections) == 8
@@ -223,3 +212,33 @@ def test_isal_order_on_real_images_with_cold_start_and_warm_start(tmp_path: Path
     warm_report: dict[str, Any] = {}
     round_.rank_pool(DetectionData(config, samples(range(6), True), pool), 5, {}, warm_report)
     assert warm_report["warm_start"] is True
+
+
+@pytest.mark.skipif(not BCCD_ARCHIVE.exists(), reason="needs ../shared/data/bccd-voc.tar.gz")
+@pytest.mark.parametrize(("strategy", "order"), [("random", "random"), ("margin", "mean-confidence"),
+                                                 ("coreset", "coreset")])
+def test_baseline_strategies_order_a_detection_project_with_the_same_trained_detector(
+    tmp_path: Path, strategy: str, order: str
+) -> None:
+    torch.set_num_threads(2)
+    bccd = load_bccd(limit=10, max_side=96)
+    config = DetectionConfig("image", "image", "label", list(bccd.classes))
+    round_ = DetectionRound(3, settings(tmp_path, detection_steps=2, detection_image_size=96, strategy=strategy))
+    samples = [Sample({"id": i}, f"bccd-{i}", bccd.images[i], (bccd.images[i].shape[2], bccd.images[i].shape[1]),
+                      bccd.targets[i] if i < 6 else None) for i in range(10)]
+    tensors: dict[str, torch.Tensor] = {}
+    report: dict[str, Any] = {}
+    picked, detections = round_.rank_pool(DetectionData(config, samples[:6], samples[6:]), 3, tensors, report)
+    assert report["order"].startswith(order) and report["train_steps"] == 2
+    assert ("strategy_note" in report) == (strategy == "margin")
+    assert len(picked) == 3 and len(set(picked.tolist())) == 3 and set(picked.tolist()) <= {0, 1, 2, 3}
+    assert detections is not None and len(detections) == 4
+    assert any(k.startswith(DETECTOR_PREFIX) for k in tensors) and "s_test" not in tensors
+    round_.store.commit(3, "r-base", tensors, report)
+    as_tasks = [{"id": s.task["id"], "data": {"image": data_url(Image.fromarray(
+        np.ascontiguousarray(s.image.permute(1, 2, 0).numpy())))}} for s in samples[6:]]
+    predictions, skipped = round_.predictions_for(round_.store.load(3), config, as_tasks)
+    assert skipped == [] and [p["score"] for p in predictions] == [0.5] * 4
+    if strategy == "margin":
+        conf = [float(d["scores"].mean()) if len(d["scores"]) else 0.0 for d in detections]
+        assert [conf[i] for i in picked.tolist()] == sorted(conf)[:3]

@@ -14,16 +14,20 @@ A project whose label config has an ``<Image>`` with ``<RectangleLabels>`` gets 
    annotation unusable (training the image without that object would teach "background" where one is):
    the task goes to ``skipped`` with the message, and is neither trained on nor served again.
    An annotation with no region at all is a valid label: "nothing to detect here";
-3. a reference set R held out from the annotated images (a seeded slice, ``ISAL_HOLDOUT_FRACTION``,
-   at least one image), never trained on; the detector warm-starts from the stored round's weights
-   (same architecture only), trains ``ISAL_DETECTION_STEPS`` mini-batches on the rest, is validated
+3. a reference set R held out from the annotated images (``ISAL_HOLDOUT_FRACTION`` of them, at least
+   one, chosen by a hash of the task id: :func:`~isal_backend.detection.selection.stable_reference`, so
+   an image in R stays there and the warm-started detector never trained on it); the detector
+   warm-starts from the stored round's weights (same architecture only), trains
+   ``ISAL_DETECTION_STEPS`` mini-batches on the rest, is validated
    by mAP@0.5 on R; ``s_test`` by CG over FCOS's final convs; every unlabeled image scored
    (pseudo-labels: the detector's own post-NMS boxes with score >= ``ISAL_DETECTION_SCORE_THRESHOLD``;
    images with no surviving box are scored with the all-background loss, the documented fallback of
    :mod:`isal_backend.detection.influence`, so they are ordered like any other and counted in ``no_box``);
-   order ascending (most negative influence first). Cold start (fewer than
-   :data:`MIN_LABELED` usable annotated images, or no box among them): core-set diversity on the
-   classification Featurizer's backbone features, said in the report;
+   order ascending (most negative influence first). ``ISAL_STRATEGY`` random or coreset, or
+   least-confidence, margin and entropy (all three: mean-confidence, the detector's form of
+   uncertainty sampling) order the pool with the same trained detector instead, for comparison.
+   Cold start (fewer than three usable annotated images, or no box among them): core-set diversity
+   on the classification Featurizer's backbone features, said in the report;
 4. the top ``ISAL_WRITE_TOP_M`` tasks get a prediction of the round: the detector's boxes above the
    threshold as ``rectanglelabels`` pre-labels with per-box ``score`` (pixels back to percent of the
    decoded image), the influence rank in [0, 1] as ``score``; then ordering, atomic commit (detector
@@ -48,6 +52,7 @@ from isal_backend.detection.boxes import BoxIssue, boxes_to_regions, regions_to_
 from isal_backend.detection.detector import DetectorConfig, LiteFCOS, build_detector, train_detector
 from isal_backend.detection.influence import DetectionInfluence, solve_detection_s_test
 from isal_backend.detection.metrics import mean_average_precision
+from isal_backend.detection.selection import detection_strategy, order_by_mean_confidence, stable_reference
 from isal_backend.influence import PAPER_LISSA
 from isal_backend.jobs.round import Round, image_reference, new_round_id, score_to_unit_interval
 from isal_backend.labelstudio.config import DetectionConfig, LabelConfigError, parse_project_config
@@ -58,9 +63,6 @@ from isal_backend.strategies.baselines import k_center_greedy
 
 log = logging.getLogger(__name__)
 
-#: Fewest usable annotated images for ISAL: two to train on, one held out as R.
-MIN_LABELED = 3
-MIN_TRAIN = 2
 #: Key prefix of the detector's state dict in the model store's tensors.
 DETECTOR_PREFIX = "detector."
 #: Cap on CG products for s_test and the damping added to the Gauss-Newton curvature (the detection
@@ -138,16 +140,6 @@ def task_boxes(
         raise AnnotationSkipped("; ".join(i.message for i in refused) + " (the image is not trained on until "
                                 "the annotation is fixed)", latest.get("id"), task_id)
     return parsed.boxes, parsed.label_indices(config.labels), issues + parsed.issues
-
-
-def holdout_images(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic (train, reference) split of ``count`` annotated images; R gets at least one."""
-    if count < MIN_LABELED:
-        raise ValueError(f"{count} usable annotated images: ISAL needs {MIN_LABELED} (two to train on, one held "
-                         "out as the reference set)")
-    order = np.random.default_rng(seed).permutation(count)
-    take = min(count - MIN_TRAIN, max(1, round(fraction * count)))
-    return np.sort(order[take:]), np.sort(order[:take])
 
 
 def shrink(image: Image.Image, max_side: int) -> torch.Tensor:
@@ -285,19 +277,19 @@ class DetectionRound(Round):
             report["order"] = "none (no unlabeled task)"
             return np.zeros(0, dtype=np.int64), None
         boxes = sum(len(s.target["labels"]) for s in labeled if s.target is not None)
+        name, note = detection_strategy(self.settings.strategy)
+        if note:
+            report["strategy_note"] = note
         try:
             if boxes == 0:
                 raise ValueError(f"{len(labeled)} usable annotated images hold no box: nothing to learn from")
-            train, ref = holdout_images(len(labeled), self.settings.holdout_fraction, self.project_id)
+            train, ref = stable_reference([s.task["id"] for s in labeled], self.settings.holdout_fraction,
+                                          self.project_id)
         except ValueError as exc:
             report["order"] = "cold-start: core-set diversity on backbone features"
             report["cold_start_reason"] = str(exc)
             return self.coreset(labeled, pool, count), None
 
-        name = self.settings.strategy
-        if name not in ("isal", "isal-paper"):
-            report["strategy_note"] = f"strategy {name!r} has no detection version here; ISAL orders this project"
-        solver = "lissa" if name == "isal-paper" else "cg"
         config = detector_config(len(data.config.labels), self.settings)
         model = build_detector(config, seed=self.project_id)
         report["warm_start"] = self.warm_start(model, config)
@@ -308,26 +300,40 @@ class DetectionRound(Round):
         steps = self.settings.detection_steps
         trained = train_detector(model, train_images, train_targets, steps, BATCH_SIZE,
                                  warmup=max(1, min(20, steps // 5)), seed=self.project_id * 1000 + len(labeled))
-        predicted_ref = model.predict(ref_images)
-        validation = mean_average_precision(predicted_ref, ref_targets, len(data.config.labels))
-        problem = DetectionInfluence(model, train_images, train_targets, ref_images, ref_targets,
-                                     score_threshold=self.settings.detection_score_threshold, damping=DAMPING)
-        s_test, solve = solve_detection_s_test(problem, solver, PAPER_LISSA, max_iter=CG_ITERATIONS,
-                                               seed=self.project_id)
-        result = problem.score_images(s_test, [s.image for s in pool])
+        validation = mean_average_precision(model.predict(ref_images), ref_targets, len(data.config.labels))
         tensors.update({DETECTOR_PREFIX + k: v for k, v in model.state_dict().items()})
-        tensors["s_test"] = s_test.detach()
-        tensors["pool_scores_sorted"] = torch.sort(result.scores.double()).values
         report.update({
             "train_size": len(train), "reference_size": len(ref), "boxes_labeled": boxes,
             "detector": asdict(config), "train_steps": trained.steps, "train_loss": round(trained.final_loss, 4),
-            "validation_map50": round(float(validation["map"]), 4), "solver": solver,
-            "solver_iterations": solve.iterations, "solver_residual": solve.relative_residual,
-            "no_box": int(result.no_box.sum()),
-            "order": f"{'isal-paper' if solver == 'lissa' else 'isal'}: influence on a held-out reference set of "
-                     f"{len(ref)} annotated images",
+            "validation_map50": round(float(validation["map"]), 4),
         })
-        return np.argsort(result.scores.numpy(), kind="stable")[:count], result.detections
+        pool_images = [s.image for s in pool]
+        if name in ("isal", "isal-paper"):
+            solver = "lissa" if name == "isal-paper" else "cg"
+            problem = DetectionInfluence(model, train_images, train_targets, ref_images, ref_targets,
+                                         score_threshold=self.settings.detection_score_threshold, damping=DAMPING)
+            s_test, solve = solve_detection_s_test(problem, solver, PAPER_LISSA, max_iter=CG_ITERATIONS,
+                                                   seed=self.project_id)
+            result = problem.score_images(s_test, pool_images)
+            tensors["s_test"] = s_test.detach()
+            tensors["pool_scores_sorted"] = torch.sort(result.scores.double()).values
+            report.update({
+                "solver": solver, "solver_iterations": solve.iterations,
+                "solver_residual": solve.relative_residual, "no_box": int(result.no_box.sum()),
+                "order": f"{name}: influence on a held-out reference set of {len(ref)} annotated images",
+            })
+            return np.argsort(result.scores.numpy(), kind="stable")[:count], result.detections
+        detections = model.predict(pool_images)
+        if name == "mean-confidence":
+            order = order_by_mean_confidence(detections)
+            report["order"] = "mean-confidence: lowest mean box score first"
+        elif name == "random":
+            order = np.random.default_rng([self.project_id, len(labeled)]).permutation(len(pool))
+            report["order"] = "random"
+        else:
+            order = self.coreset(labeled, pool, count)
+            report["order"] = "coreset: k-center diversity on backbone features"
+        return order[:count], detections
 
     def coreset(self, labeled: list[Sample], pool: list[Sample], count: int) -> np.ndarray:
         """Greedy k-center on the classification backbone's features (cached per image), labeled as centers."""
@@ -368,10 +374,14 @@ class DetectionRound(Round):
         skipped: list[dict[str, Any]] = []
         samples = [s for s in (self.load_sample(t, config, skipped) for t in tasks) if s is not None]
         model = self.stored_detector(stored)
-        if model is None or "s_test" not in stored.tensors or not samples:
+        if model is None or not samples:
             return [{"task": s.task["id"], "result": [], "score": 0.5, "model_version": stored.round_id}
                     for s in samples], skipped
         threshold = float(stored.report.get("score_threshold", self.settings.detection_score_threshold))
+        if "s_test" not in stored.tensors:  # a baseline strategy's round: pre-labels, no influence to rank by
+            return [{"task": s.task["id"], "result": prelabel(det, s, config, threshold), "score": 0.5,
+                     "model_version": stored.round_id}
+                    for s, det in zip(samples, model.predict([s.image for s in samples]), strict=True)], skipped
         problem = DetectionInfluence(model, [], [], [], [], score_threshold=threshold)
         result = problem.score_images(stored.tensors["s_test"], [s.image for s in samples])
         mapped = score_to_unit_interval(result.scores, stored.tensors.get("pool_scores_sorted"))

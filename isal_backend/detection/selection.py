@@ -1,0 +1,74 @@
+"""Which pool images a detection project labels next: the pieces the round and the benchmark share.
+
+* :func:`stable_reference`: the held-out reference set R. Detectors warm-start from the previous
+  round, so R must be a set no earlier round trained on. A fresh random split each round (what a
+  classification head, retrained from scratch, can afford) would move trained-on images into R. Here
+  each image's membership follows from a hash of its key alone, so an image in R stays in R as the
+  labeled set grows.
+* :func:`mean_confidence`, :func:`order_by_mean_confidence`: the uncertainty baseline for detectors
+  (lowest mean post-NMS score first; an image without detections counts as confidence 0).
+* :func:`detection_strategy`: the ``ISAL_STRATEGY`` names mapped onto what a detector can do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from torch import Tensor
+
+#: What a detection project can be ordered by.
+DETECTION_STRATEGIES = ("isal", "isal-paper", "random", "mean-confidence", "coreset")
+#: Classification uncertainty strategies have one detection form here: mean box confidence.
+_UNCERTAINTY = ("least-confidence", "margin", "entropy")
+#: Fewest images a detector trains on when R is held out.
+MIN_TRAIN = 2
+
+
+def detection_strategy(name: str) -> tuple[str, str | None]:
+    """The detection strategy for an ``ISAL_STRATEGY`` value, and a note when it is not the same name."""
+    if name in DETECTION_STRATEGIES:
+        return name, None
+    if name in _UNCERTAINTY:
+        return "mean-confidence", (f"strategy {name!r} is a classification uncertainty measure; detection "
+                                   "projects use its detector form, mean-confidence (lowest mean box score first)")
+    raise ValueError(f"unknown detection strategy {name!r}: choose from {', '.join(DETECTION_STRATEGIES)} "
+                     f"(or {', '.join(_UNCERTAINTY)}, which map to mean-confidence)")
+
+
+def _unit(key: object, salt: object) -> float:
+    digest = hashlib.blake2b(f"{salt}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def stable_reference(keys: Sequence[object], fraction: float, salt: object = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, reference)`` positions into ``keys``: R is every key whose hash falls below ``fraction``.
+
+    Membership depends on the key alone, so adding keys never moves a trained-on image into R. When
+    no hash falls below ``fraction`` R is the one lowest-hash key (a later, lower one takes its place
+    and it joins training: that direction is harmless). Raises ``ValueError`` when fewer than
+    :data:`MIN_TRAIN` keys are left to train on.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the reference fraction must lie in [0, 1), got {fraction}")
+    if len(set(map(str, keys))) != len(keys):
+        raise ValueError("reference keys must be unique")
+    units = np.array([_unit(k, salt) for k in keys])
+    in_ref = units < fraction
+    if len(keys) and not in_ref.any():
+        in_ref[int(np.argmin(units))] = True
+    if len(keys) - int(in_ref.sum()) < MIN_TRAIN:
+        raise ValueError(f"{len(keys)} usable annotated images, {int(in_ref.sum())} of them held out as the "
+                         f"reference set: ISAL needs {MIN_TRAIN} more to train on")
+    return np.flatnonzero(~in_ref), np.flatnonzero(in_ref)
+
+
+def mean_confidence(detections: Sequence[Mapping[str, Tensor]]) -> np.ndarray:
+    """Mean post-NMS score per image; 0 for an image without detections (the least confident)."""
+    return np.array([float(d["scores"].mean()) if len(d["scores"]) else 0.0 for d in detections])
+
+
+def order_by_mean_confidence(detections: Sequence[Mapping[str, Tensor]]) -> np.ndarray:
+    """Pool positions, least confident first (ties keep pool order)."""
+    return np.argsort(mean_confidence(detections), kind="stable")
