@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fashion-mnist, cifar10, a folder of class sub-folders; bccd or a VOC folder (detection)")
     al.add_argument("--strategies", default=None,
                     help="classification: isal,isal-paper,random,entropy,margin,coreset (default all); "
-                    "detection: isal,random,mean-confidence")
+                    "detection: isal,random,mean-confidence (default), isal-train-ref")
     al.add_argument("--seeds", type=int, default=None, help="number of seeds (default 10; 3 with --quick)")
     al.add_argument("--out", required=True, help="output folder for curves.csv, curves.png, summary.json")
     al.add_argument("--quick", action="store_true", help="a small run that finishes within 2 minutes")
