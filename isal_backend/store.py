@@ -8,6 +8,7 @@ Layout::
         rounds/<round_id>/report.json  metrics, counts, timings, order in force, skipped items
         CURRENT                        the round id in force (replaced atomically)
         features/<backbone>/*.pt       feature cache chunks (see FeatureCache)
+        images/<hash>                  downloaded image bytes of detection tasks (see ImageCache)
 
 A round is written into a hidden staging folder and renamed into ``rounds/`` only when complete,
 then ``CURRENT`` is swapped with ``os.replace``: a job killed at any point leaves the previous
@@ -16,6 +17,7 @@ round current and at worst an orphaned staging folder, which :meth:`ModelStore.s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -153,3 +155,32 @@ class FeatureCache:
         for key, row in zip(keys, features, strict=True):
             self._features[key] = row
         self._seen.add(name)
+
+
+class ImageCache:
+    """The bytes of each downloaded image, one file per reference, written atomically.
+
+    Detection rounds decode every task image each round (the detector's training reads pixels, not
+    cached features); keeping the bytes spares a download per image per round. Keyed like
+    :class:`FeatureCache`, by the image reference: Label Studio's upload and storage URLs name
+    immutable files. File names are a hash of the reference, so no URL (or token in one) lands on disk.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def _path(self, reference: str) -> Path:
+        return self.folder / hashlib.blake2b(reference.encode(), digest_size=20).hexdigest()
+
+    def get(self, reference: str) -> bytes | None:
+        try:
+            return self._path(reference).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def put(self, reference: str, data: bytes) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, self._path(reference))

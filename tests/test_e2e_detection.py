@@ -102,6 +102,7 @@ def test_detection_stream_follows_isal_end_to_end(stack: Stack) -> None:
     assert report["kind"] == "detection" and report["order"].startswith("isal:"), report
     assert report["unlabeled"] == IMAGES - ANNOTATED and report["written"] == IMAGES - ANNOTATED
     assert report["no_box"] == 0 and report["train_steps"] == 30
+    assert (report["images_downloaded"], report["image_cache_hits"]) == (IMAGES, 0)
     skipped = {s["task"]: s["reason"] for s in report["skipped"]}
     assert list(skipped) == [rotated_task] and "rotated rectangle (30 degrees) refused" in skipped[rotated_task]
     strangers = [n for n in report["notes"] if n["kind"] == "unknown_label"]
@@ -139,3 +140,11 @@ def test_detection_stream_follows_isal_end_to_end(stack: Stack) -> None:
     assert result["model_version"] == round_id and 0.0 <= result["score"] <= 1.0
     assert result["result"] and all(r["type"] == "rectanglelabels" for r in result["result"])
     assert Path(stack.model_dir / "projects" / str(project) / "CURRENT").read_text().strip() == round_id
+
+    # The annotator labels the first task served: the webhook starts a second round, which warm-starts
+    # from the first round's detector and reads every image from the project's image cache.
+    name = next(n for n, t in task_of.items() if t == by_score[0])
+    stack.api("POST", f"/api/tasks/{by_score[0]}/annotations", json={"result": regions_of[name]})
+    second_round = wait_for_round(stack, project, lambda r: r.get("labeled") == ANNOTATED, timeout_s=300)
+    assert second_round["round_id"] != round_id and second_round["warm_start"] is True
+    assert (second_round["images_downloaded"], second_round["image_cache_hits"]) == (0, IMAGES)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from isal_backend.models.featurizer import Featurizer, cache_key
-from isal_backend.store import FeatureCache, ModelStore
+from isal_backend.store import FeatureCache, ImageCache, ModelStore
 
 
 def test_commit_makes_a_round_current_and_loadable(tmp_path: Path) -> None:
@@ -124,3 +124,14 @@ def test_resnet18_uses_torchvision_weights_only_when_cached(tmp_path: Path, monk
     net, _ = build_backbone("resnet18")
     assert net.checkpoint == cached_resnet18_weights()
     assert torch.equal(net.net.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
+
+
+def test_image_cache_keeps_bytes_under_hashed_names(tmp_path: Path) -> None:
+    cache = ImageCache(tmp_path / "images")
+    reference = "http://ls:8080/data/upload/3/a.jpg?token=SECRET123"
+    assert cache.get(reference) is None
+    cache.put(reference, b"\xff\xd8jpeg bytes")
+    cache.put(reference, b"\xff\xd8jpeg bytes")  # a second writer replaces the file whole
+    assert cache.get(reference) == b"\xff\xd8jpeg bytes" and cache.get(reference + "x") is None
+    names = [p.name for p in (tmp_path / "images").iterdir()]
+    assert len(names) == 1 and "SECRET" not in names[0] and not names[0].startswith(".tmp-")

@@ -4,7 +4,8 @@ A project whose label config has an ``<Image>`` with ``<RectangleLabels>`` gets 
 (:func:`isal_backend.jobs.round.run_round` dispatches on the config). Steps, each timed into the report:
 
 1. fetch every task with its annotations (:meth:`Round.fetch`'s client calls); every task image is
-   decoded with :func:`~isal_backend.labelstudio.images.decode_image` (Round's loader) and shrunk so
+   downloaded once per project (its bytes kept in the store's :class:`~isal_backend.store.ImageCache`),
+   decoded with :func:`~isal_backend.labelstudio.images.decode_image` and shrunk so
    its long side is ``ISAL_DETECTION_IMAGE_SIZE``; an image that fails is skipped and named in ``skipped``;
 2. boxes from the latest non-cancelled annotation, converted from Label Studio's percent coordinates
    with :func:`~isal_backend.detection.boxes.regions_to_boxes` against the DECODED image size. Per box:
@@ -55,10 +56,12 @@ from isal_backend.detection.metrics import mean_average_precision
 from isal_backend.detection.selection import detection_strategy, order_by_mean_confidence, stable_reference
 from isal_backend.influence import PAPER_LISSA
 from isal_backend.jobs.round import Round, image_reference, new_round_id, score_to_unit_interval
+from isal_backend.labelstudio.client import LabelStudioClient
 from isal_backend.labelstudio.config import DetectionConfig, LabelConfigError, parse_project_config
 from isal_backend.labelstudio.convert import AnnotationSkipped, latest_annotation, rank_scores
+from isal_backend.labelstudio.images import decode_image
 from isal_backend.settings import Settings
-from isal_backend.store import RoundState
+from isal_backend.store import ImageCache, RoundState
 from isal_backend.strategies.baselines import k_center_greedy
 
 log = logging.getLogger(__name__)
@@ -175,6 +178,11 @@ def prelabel(detection: Mapping[str, torch.Tensor], sample: Sample, config: Dete
 class DetectionRound(Round):
     """One detection project's round; construct, then :meth:`run`. Reuses Round's client, store and loaders."""
 
+    def __init__(self, project_id: int, settings: Settings, client: LabelStudioClient | None = None) -> None:
+        super().__init__(project_id, settings, client)
+        self.images_downloaded = 0
+        self.image_cache_hits = 0
+
     def fetch_detection(self) -> tuple[DetectionConfig, list[dict[str, Any]]]:
         start = time.perf_counter()
         config = parse_project_config(self.client.get_project(self.project_id)["label_config"])
@@ -184,6 +192,21 @@ class DetectionRound(Round):
         tasks = self.client.list_tasks(self.project_id)
         self._timed("fetch_seconds", start)
         return config, tasks
+
+    def load_image(self, reference: str) -> Image.Image:
+        """The task image, from the project's :class:`ImageCache` or downloaded (and then cached once it decodes)."""
+        if reference.startswith("data:"):  # the bytes are in the task itself
+            return super().load_image(reference)
+        cache = ImageCache(self.store.project_dir(self.project_id) / "images")
+        data = cache.get(reference)
+        if data is not None:
+            self.image_cache_hits += 1
+            return decode_image(data, reference)
+        data = self.client.download(reference)
+        image = decode_image(data, reference)
+        cache.put(reference, data)
+        self.images_downloaded += 1
+        return image
 
     def load_sample(self, task: dict[str, Any], config: DetectionConfig,
                     skipped: list[dict[str, Any]]) -> Sample | None:
@@ -262,6 +285,8 @@ class DetectionRound(Round):
             "written": len(predictions),
             "boxes_written": sum(len(p["result"]) for p in predictions),
             "top_tasks": [pool[i].task["id"] for i in order[:20]],
+            "images_downloaded": self.images_downloaded,
+            "image_cache_hits": self.image_cache_hits,
             "skipped": data.skipped,
             "notes": data.notes,
             "finished_at": datetime.now(UTC).isoformat(),
