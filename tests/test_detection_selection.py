@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from isal_backend.detection.selection import (
+    DETECTION_STRATEGIES,
     detection_strategy,
     mean_confidence,
     order_by_mean_confidence,
     stable_reference,
 )
+from isal_backend.settings import KNOWN_STRATEGIES
 
 
 def test_reference_membership_never_takes_an_image_that_was_trained_on() -> None:
@@ -57,3 +59,4 @@ def test_strategy_names_map_onto_detection_with_a_note() -> None:
     assert name == "mean-confidence" and "'margin'" in note
     with pytest.raises(ValueError, match="unknown detection strategy 'bald'"):
         detection_strategy("bald")
+    assert {detection_strategy(s)[0] for s in KNOWN_STRATEGIES} <= set(DETECTION_STRATEGIES)  # every setting
