@@ -23,6 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 KNOWN_BACKBONES = ("small-cnn", "resnet18", "resnet18-cifar", "efficientnet-lite0")
 KNOWN_STRATEGIES = ("isal", "isal-paper", "random", "entropy", "margin", "least-confidence", "coreset")
 TRAIN_MODES = ("head", "finetune")
+# FCOS's final prediction convs (isal_backend.detection.detector.FINAL_CONVS; the same test checks it).
+KNOWN_DETECTION_PARAMS = ("cls_logits", "bbox_reg", "bbox_ctrness")
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 SECRET_FIELDS = frozenset({"label_studio_api_key", "basic_auth_pass"})
 MASK = "***"
@@ -80,6 +82,7 @@ class Settings:
     detection_score_threshold: float = 0.5
     detection_steps: int = 60
     detection_image_size: int = 320
+    detection_params: tuple[str, ...] = KNOWN_DETECTION_PARAMS
 
     def __repr__(self) -> str:
         shown = []
@@ -148,6 +151,7 @@ class Settings:
                                       hint="detector training steps per round, batches of 4 images"),
             detection_image_size=r.integer("ISAL_DETECTION_IMAGE_SIZE", 320, minimum=64,
                                            hint="long side in pixels the detector sees"),
+            detection_params=r.choice_list("ISAL_DETECTION_PARAMS", KNOWN_DETECTION_PARAMS),
         )
 
 
@@ -242,6 +246,17 @@ class _Reader:
         if normal not in choices:
             raise self._fail(name, value, "is not a known value", f"choose one of {', '.join(choices)}")
         return normal
+
+    def choice_list(self, name: str, choices: tuple[str, ...]) -> tuple[str, ...]:
+        """A comma-separated, non-empty subset of ``choices`` without repeats; unset means all of them."""
+        value = self._raw(name)
+        if value is None:
+            return choices
+        items = [v.strip().lower() for v in value.split(",")]
+        if not items or any(v not in choices for v in items) or len(set(items)) != len(items):
+            raise self._fail(name, value, "is not a comma-separated list of distinct known values",
+                             f"choose from {','.join(choices)}")
+        return tuple(items)
 
     def device(self, name: str, default: str) -> str:
         value = self._raw(name)

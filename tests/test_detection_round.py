@@ -157,8 +157,12 @@ def test_detection_settings_are_read_and_validated() -> None:
     s = Settings.from_env({"ISAL_DETECTION_SCORE_THRESHOLD": "0.3", "ISAL_DETECTION_STEPS": "5",
                            "ISAL_DETECTION_IMAGE_SIZE": "256"})
     assert (s.detection_score_threshold, s.detection_steps, s.detection_image_size) == (0.3, 5, 256)
+    assert s.detection_params == ("cls_logits", "bbox_reg", "bbox_ctrness")
+    assert Settings.from_env({"ISAL_DETECTION_PARAMS": " cls_logits,BBOX_CTRNESS"}).detection_params == (
+        "cls_logits", "bbox_ctrness")
     for name, value in (("ISAL_DETECTION_SCORE_THRESHOLD", "1.5"), ("ISAL_DETECTION_STEPS", "0"),
-                        ("ISAL_DETECTION_IMAGE_SIZE", "16")):
+                        ("ISAL_DETECTION_IMAGE_SIZE", "16"), ("ISAL_DETECTION_PARAMS", "cls_logits,cls_logits"),
+                        ("ISAL_DETECTION_PARAMS", "backbone"), ("ISAL_DETECTION_PARAMS", "cls_logits,,bbox_reg")):
         with pytest.raises(SettingsError, match=name):
             Settings.from_env({name: value})
 
@@ -242,3 +246,26 @@ def test_baseline_strategies_order_a_detection_project_with_the_same_trained_det
     if strategy == "margin":
         conf = [float(d["scores"].mean()) if len(d["scores"]) else 0.0 for d in detections]
         assert [conf[i] for i in picked.tolist()] == sorted(conf)[:3]
+
+
+@pytest.mark.skipif(not BCCD_ARCHIVE.exists(), reason="needs ../shared/data/bccd-voc.tar.gz")
+def test_influence_over_the_configured_convs_is_stored_and_reused_for_new_tasks(tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    bccd = load_bccd(limit=9, max_side=96)
+    config = DetectionConfig("image", "image", "label", list(bccd.classes))
+    round_ = DetectionRound(5, settings(tmp_path, detection_steps=2, detection_image_size=96,
+                                        detection_params=("cls_logits",)))
+    samples = [Sample({"id": i}, f"bccd-{i}", bccd.images[i], (bccd.images[i].shape[2], bccd.images[i].shape[1]),
+                      bccd.targets[i] if i < 6 else None) for i in range(9)]
+    tensors: dict[str, torch.Tensor] = {}
+    report: dict[str, Any] = {}
+    round_.rank_pool(DetectionData(config, samples[:6], samples[6:]), 3, tensors, report)
+    weight = tensors[DETECTOR_PREFIX + "head.classification_head.cls_logits.weight"]
+    assert report["influence_params"] == ["cls_logits"] and tensors["s_test"].numel() == weight.numel() + 3
+    round_.store.commit(5, "r-cls", tensors, report)
+    # A later setting does not change how the stored round scores: its s_test is laid out over cls_logits.
+    round_.settings = settings(tmp_path, detection_image_size=96)
+    as_tasks = [{"id": s.task["id"], "data": {"image": data_url(Image.fromarray(
+        np.ascontiguousarray(s.image.permute(1, 2, 0).numpy())))}} for s in samples[6:]]
+    predictions, skipped = round_.predictions_for(round_.store.load(5), config, as_tasks)
+    assert skipped == [] and len(predictions) == 3 and all(0.0 <= p["score"] <= 1.0 for p in predictions)

@@ -9,6 +9,7 @@ import pytest
 
 from isal_backend.settings import (
     KNOWN_BACKBONES,
+    KNOWN_DETECTION_PARAMS,
     KNOWN_STRATEGIES,
     Settings,
     SettingsError,
@@ -96,11 +97,13 @@ def test_basic_auth_needs_both_or_neither(given):
 
 
 def test_known_lists_match_the_engine():
+    from isal_backend.detection.detector import FINAL_CONVS
     from isal_backend.models.backbones import BACKBONES
     from isal_backend.strategies import STRATEGIES
 
     assert set(KNOWN_BACKBONES) == set(BACKBONES)
     assert set(KNOWN_STRATEGIES) == set(STRATEGIES)
+    assert tuple(FINAL_CONVS) == KNOWN_DETECTION_PARAMS
 
 
 def test_project_credentials_env_first_then_setup_file(tmp_path):

@@ -20,7 +20,8 @@ A project whose label config has an ``<Image>`` with ``<RectangleLabels>`` gets 
    an image in R stays there and the warm-started detector never trained on it); the detector
    warm-starts from the stored round's weights (same architecture only), trains
    ``ISAL_DETECTION_STEPS`` mini-batches on the rest, is validated
-   by mAP@0.5 on R; ``s_test`` by CG over FCOS's final convs; every unlabeled image scored
+   by mAP@0.5 on R; ``s_test`` by CG over FCOS's final convs (``ISAL_DETECTION_PARAMS``, all three by
+   default); every unlabeled image scored
    (pseudo-labels: the detector's own post-NMS boxes with score >= ``ISAL_DETECTION_SCORE_THRESHOLD``;
    images with no surviving box are scored with the all-background loss, the documented fallback of
    :mod:`isal_backend.detection.influence`, so they are ordered like any other and counted in ``no_box``);
@@ -50,7 +51,7 @@ import torch
 from PIL import Image
 
 from isal_backend.detection.boxes import BoxIssue, boxes_to_regions, regions_to_boxes
-from isal_backend.detection.detector import DetectorConfig, LiteFCOS, build_detector, train_detector
+from isal_backend.detection.detector import FINAL_CONVS, DetectorConfig, LiteFCOS, build_detector, train_detector
 from isal_backend.detection.influence import DetectionInfluence, solve_detection_s_test
 from isal_backend.detection.metrics import mean_average_precision
 from isal_backend.detection.selection import detection_strategy, order_by_mean_confidence, stable_reference
@@ -336,6 +337,7 @@ class DetectionRound(Round):
         if name in ("isal", "isal-paper"):
             solver = "lissa" if name == "isal-paper" else "cg"
             problem = DetectionInfluence(model, train_images, train_targets, ref_images, ref_targets,
+                                         params=self.settings.detection_params,
                                          score_threshold=self.settings.detection_score_threshold, damping=DAMPING)
             s_test, solve = solve_detection_s_test(problem, solver, PAPER_LISSA, max_iter=CG_ITERATIONS,
                                                    seed=self.project_id)
@@ -343,6 +345,7 @@ class DetectionRound(Round):
             tensors["s_test"] = s_test.detach()
             tensors["pool_scores_sorted"] = torch.sort(result.scores.double()).values
             report.update({
+                "influence_params": list(self.settings.detection_params),
                 "solver": solver, "solver_iterations": solve.iterations,
                 "solver_residual": solve.relative_residual, "no_box": int(result.no_box.sum()),
                 "order": f"{name}: influence on a held-out reference set of {len(ref)} annotated images",
@@ -407,7 +410,8 @@ class DetectionRound(Round):
             return [{"task": s.task["id"], "result": prelabel(det, s, config, threshold), "score": 0.5,
                      "model_version": stored.round_id}
                     for s, det in zip(samples, model.predict([s.image for s in samples]), strict=True)], skipped
-        problem = DetectionInfluence(model, [], [], [], [], score_threshold=threshold)
+        params = stored.report.get("influence_params") or list(FINAL_CONVS)  # s_test's layout is the round's
+        problem = DetectionInfluence(model, [], [], [], [], params=params, score_threshold=threshold)
         result = problem.score_images(stored.tensors["s_test"], [s.image for s in samples])
         mapped = score_to_unit_interval(result.scores, stored.tensors.get("pool_scores_sorted"))
         return [
