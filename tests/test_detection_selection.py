@@ -12,6 +12,7 @@ from isal_backend.detection.selection import (
     detection_strategy,
     mean_confidence,
     order_by_mean_confidence,
+    rarest_class_groups,
     stable_reference,
 )
 from isal_backend.settings import KNOWN_STRATEGIES
@@ -60,3 +61,13 @@ def test_strategy_names_map_onto_detection_with_a_note() -> None:
     with pytest.raises(ValueError, match="unknown detection strategy 'bald'"):
         detection_strategy("bald")
     assert {detection_strategy(s)[0] for s in KNOWN_STRATEGIES} <= set(DETECTION_STRATEGIES)  # every setting
+
+
+def test_rarest_class_groups_key_each_image_by_its_rarest_confident_class() -> None:
+    dets = [
+        {"labels": torch.tensor([0, 0, 2]), "scores": torch.tensor([0.9, 0.8, 0.6])},  # RBC + platelet -> 2
+        {"labels": torch.tensor([0, 1]), "scores": torch.tensor([0.9, 0.3])},  # the WBC is below 0.5 -> 0
+        {"labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)},  # nothing -> -1
+        {"labels": torch.tensor([1, 2]), "scores": torch.tensor([0.7, 0.7])},  # WBC rarer than platelets -> 1
+    ]
+    assert rarest_class_groups(dets, [400, 30, 40], threshold=0.5).tolist() == [2, 0, -1, 1]

@@ -21,6 +21,8 @@ Strategies:
 * ``isal-train-ref``: R is the whole labeled set and the evaluated detector scores (no second chain).
   Not a valid influence estimate in the textbook sense (R was trained on), kept to measure what
   holding R out costs or gains.
+* ``isal-balanced``: ``isal``'s scores, the batch filled round-robin over each image's rarest
+  predicted class (:func:`~isal_backend.detection.selection.rarest_class_groups`).
 * ``random``; ``mean-confidence`` (lowest mean post-NMS detection score first).
 """
 
@@ -43,10 +45,11 @@ from isal_backend.bench.report import area_under_curve, mean_std, paired
 from isal_backend.detection.detector import DetectorConfig, LiteFCOS, build_detector, train_detector
 from isal_backend.detection.influence import DetectionInfluence, solve_detection_s_test
 from isal_backend.detection.metrics import mean_average_precision
-from isal_backend.detection.selection import order_by_mean_confidence, stable_reference
+from isal_backend.detection.selection import order_by_mean_confidence, rarest_class_groups, stable_reference
 from isal_backend.detection.voc import DetectionDataset, load_bccd, load_voc
+from isal_backend.strategies.isal import balanced_order
 
-STRATEGIES = ("isal", "random", "mean-confidence", "isal-train-ref")
+STRATEGIES = ("isal", "random", "mean-confidence", "isal-train-ref", "isal-balanced")
 DEFAULT_STRATEGIES = ("isal", "random", "mean-confidence")
 FIELDS = ("strategy", "seed", "images", "boxes", "map50")
 
@@ -110,8 +113,8 @@ def _select(
         order = rng.permutation(len(pool))
     elif strategy == "mean-confidence":
         order = order_by_mean_confidence(model.predict([data.images[i] for i in pool]))
-    elif strategy in ("isal", "isal-train-ref"):
-        if strategy == "isal":
+    elif strategy in ("isal", "isal-train-ref", "isal-balanced"):
+        if strategy != "isal-train-ref":
             if scorer is None:
                 raise ValueError("isal needs its scoring detector trained without the reference set")
             train_pos, ref_pos = stable_reference(labeled, protocol.reference_fraction, salt)
@@ -124,6 +127,11 @@ def _select(
         s_test, report = solve_detection_s_test(problem, "cg", max_iter=protocol.cg_iterations)
         result = problem.score_images(s_test, [data.images[i] for i in pool])
         order = np.argsort(result.scores.numpy(), kind="stable")
+        if strategy == "isal-balanced":
+            counts = np.bincount(torch.cat([data.targets[i]["labels"] for i in labeled]).numpy(),
+                                 minlength=len(data.classes))
+            groups = rarest_class_groups(result.detections, counts.tolist(), protocol.score_threshold)
+            order = balanced_order(result.scores, groups, len(pool), salt)
         info = {"cg_residual": float(report.relative_residual or 0.0), "no_box": int(result.no_box.sum()),
                 "reference": len(ref)}
     else:
@@ -190,14 +198,14 @@ def run_detection_al(
         first_map = _evaluate(first, data, test)
         log(f"seed {seed}: start {len(start)} images, mAP {first_map:.3f}")
         first_scorer = None
-        if "isal" in strategies:  # isal's scoring chain starts like ``first``, without R
+        if {"isal", "isal-balanced"} & set(strategies):  # the scoring chain starts like ``first``, without R
             first_scorer = build_detector(config, seed=seed)
             first_scorer.backbone.cache = cache
             _train_outside_reference(first_scorer, data, start, protocol.first_steps, protocol, seed, seed)
         for strategy in strategies:
             model = copy.deepcopy(first)
             model.backbone.cache = cache
-            scorer = copy.deepcopy(first_scorer) if strategy == "isal" else None
+            scorer = copy.deepcopy(first_scorer) if strategy in ("isal", "isal-balanced") else None
             if scorer is not None:
                 scorer.backbone.cache = cache
             labeled = list(start)

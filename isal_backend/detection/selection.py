@@ -7,6 +7,8 @@
   labeled set grows.
 * :func:`mean_confidence`, :func:`order_by_mean_confidence`: the uncertainty baseline for detectors
   (lowest mean post-NMS score first; an image without detections counts as confidence 0).
+* :func:`rarest_class_groups`: the key for class-balanced batches (each image's rarest predicted
+  class), the detection analogue of classification's round-robin over predicted classes.
 * :func:`detection_strategy`: the ``ISAL_STRATEGY`` names mapped onto what a detector can do.
 """
 
@@ -16,6 +18,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 from torch import Tensor
 
 #: What a detection project can be ordered by.
@@ -72,3 +75,20 @@ def mean_confidence(detections: Sequence[Mapping[str, Tensor]]) -> np.ndarray:
 def order_by_mean_confidence(detections: Sequence[Mapping[str, Tensor]]) -> np.ndarray:
     """Pool positions, least confident first (ties keep pool order)."""
     return np.argsort(mean_confidence(detections), kind="stable")
+
+
+def rarest_class_groups(
+    detections: Sequence[Mapping[str, Tensor]], labeled_boxes_per_class: Sequence[int], threshold: float
+) -> Tensor:
+    """Per image, the class with the fewest labeled boxes among its detections at or above ``threshold``.
+
+    -1 for an image without such a box. mAP averages over classes, while the detection loss (and so
+    influence on R) is dominated by the common class; filling a batch round-robin over these groups
+    keeps images of the rare classes in it.
+    """
+    counts = np.asarray(labeled_boxes_per_class, dtype=np.float64)
+    groups = []
+    for det in detections:
+        present = det["labels"][det["scores"] >= threshold].unique().tolist()
+        groups.append(min(present, key=lambda c: (counts[c], c)) if present else -1)
+    return torch.tensor(groups, dtype=torch.int64)
