@@ -83,6 +83,7 @@ class Settings:
     detection_steps: int = 60
     detection_image_size: int = 320
     detection_params: tuple[str, ...] = KNOWN_DETECTION_PARAMS
+    detection_cache_mb: int = 2048
 
     def __repr__(self) -> str:
         shown = []
@@ -152,6 +153,8 @@ class Settings:
             detection_image_size=r.integer("ISAL_DETECTION_IMAGE_SIZE", 320, minimum=64,
                                            hint="long side in pixels the detector sees"),
             detection_params=r.choice_list("ISAL_DETECTION_PARAMS", KNOWN_DETECTION_PARAMS),
+            detection_cache_mb=r.integer("ISAL_DETECTION_CACHE_MB", 2048, minimum=0,
+                                         hint="disk budget per project for the detector's body outputs; 0 keeps none"),
         )
 
 

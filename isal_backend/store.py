@@ -9,6 +9,7 @@ Layout::
         CURRENT                        the round id in force (replaced atomically)
         features/<backbone>/*.pt       feature cache chunks (see FeatureCache)
         images/<hash>                  downloaded image bytes of detection tasks (see ImageCache)
+        detector-body/*.pt             the detector's frozen body outputs, float16 (see TensorListCache)
 
 A round is written into a hidden staging folder and renamed into ``rounds/`` only when complete,
 then ``CURRENT`` is swapped with ``os.replace``: a job killed at any point leaves the previous
@@ -22,7 +23,9 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,3 +187,75 @@ class ImageCache:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, self._path(reference))
+
+
+class TensorListCache(MutableMapping[bytes, list[torch.Tensor]]):
+    """A ``key -> list of tensors`` mapping kept on disk in float16 chunk files, within a size budget.
+
+    The detector's frozen backbone body costs about 30 ms per image on 2 CPU cores and its output
+    never changes for the same input, so a round hands this mapping to the detector as its body cache
+    and :meth:`flush` keeps what it computed for the next round. Chunks are append-only and written
+    atomically, as in :class:`FeatureCache`; the oldest are deleted past ``max_bytes`` (their
+    entries are simply computed again). Values come back as float32.
+    """
+
+    def __init__(self, folder: str | Path, max_bytes: int) -> None:
+        self.folder = Path(folder)
+        self.max_bytes = max_bytes
+        self._entries: dict[bytes, list[torch.Tensor]] = {}
+        self._new: list[bytes] = []
+        self.loaded = 0
+        if self.folder.exists():
+            for path in sorted(self.folder.glob("chunk-*.pt"), key=lambda p: p.name):
+                try:
+                    chunk = torch.load(path, map_location="cpu", weights_only=True)
+                except FileNotFoundError:  # deleted by another process's budget check meanwhile
+                    continue
+                for key, value in zip(chunk["keys"], chunk["values"], strict=True):
+                    self._entries[bytes(key)] = value
+                    self.loaded += 1
+
+    def __getitem__(self, key: bytes) -> list[torch.Tensor]:
+        return [t.float() for t in self._entries[key]]
+
+    def __setitem__(self, key: bytes, value: list[torch.Tensor]) -> None:
+        if key not in self._entries:
+            self._new.append(key)
+        self._entries[key] = [t.detach().to(torch.float16).contiguous() for t in value]
+
+    def __delitem__(self, key: bytes) -> None:
+        del self._entries[key]
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def flush(self) -> int:
+        """Write the entries added since the last flush as one chunk, then enforce the budget; returns how many."""
+        fresh = [k for k in self._new if k in self._entries]
+        self._new = []
+        if fresh and self.max_bytes > 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            # Chunk names sort by time, so the budget check removes the oldest first.
+            name = f"chunk-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.pt"
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as fh:
+                torch.save({"keys": [list(k) for k in fresh], "values": [self._entries[k] for k in fresh]}, fh)
+            os.replace(tmp, self.folder / name)
+        self._enforce_budget()
+        return len(fresh) if self.max_bytes > 0 else 0
+
+    def _enforce_budget(self) -> None:
+        if not self.folder.exists():
+            return
+        chunks = sorted(self.folder.glob("chunk-*.pt"), key=lambda p: p.name, reverse=True)
+        total = 0
+        for path in chunks:
+            try:
+                total += path.stat().st_size
+                if total > self.max_bytes:
+                    path.unlink()
+            except FileNotFoundError:
+                continue

@@ -157,12 +157,14 @@ def test_detection_settings_are_read_and_validated() -> None:
     s = Settings.from_env({"ISAL_DETECTION_SCORE_THRESHOLD": "0.3", "ISAL_DETECTION_STEPS": "5",
                            "ISAL_DETECTION_IMAGE_SIZE": "256"})
     assert (s.detection_score_threshold, s.detection_steps, s.detection_image_size) == (0.3, 5, 256)
-    assert s.detection_params == ("cls_logits", "bbox_reg", "bbox_ctrness")
+    assert s.detection_params == ("cls_logits", "bbox_reg", "bbox_ctrness") and s.detection_cache_mb == 2048
+    assert Settings.from_env({"ISAL_DETECTION_CACHE_MB": "0"}).detection_cache_mb == 0
     assert Settings.from_env({"ISAL_DETECTION_PARAMS": " cls_logits,BBOX_CTRNESS"}).detection_params == (
         "cls_logits", "bbox_ctrness")
     for name, value in (("ISAL_DETECTION_SCORE_THRESHOLD", "1.5"), ("ISAL_DETECTION_STEPS", "0"),
                         ("ISAL_DETECTION_IMAGE_SIZE", "16"), ("ISAL_DETECTION_PARAMS", "cls_logits,cls_logits"),
-                        ("ISAL_DETECTION_PARAMS", "backbone"), ("ISAL_DETECTION_PARAMS", "cls_logits,,bbox_reg")):
+                        ("ISAL_DETECTION_PARAMS", "backbone"), ("ISAL_DETECTION_PARAMS", "cls_logits,,bbox_reg"),
+                        ("ISAL_DETECTION_CACHE_MB", "-1")):
         with pytest.raises(SettingsError, match=name):
             Settings.from_env({name: value})
 
@@ -213,9 +215,14 @@ def test_isal_order_on_real_images_with_cold_start_and_warm_start(tmp_path: Path
     assert mapped == pytest.approx([j / 8 for j in range(5)])
     assert all(r["type"] == "rectanglelabels" and 0.0 <= r["score"] <= 1.0 for p in predictions for r in p["result"])
 
+    assert report["body_cache"]["loaded"] == 0 and report["body_cache"]["added"] > 0
+
+    # The second round reads every body output from the project's cache: the same images (and, with
+    # the same training seed, the same flips) need no backbone pass at all.
     warm_report: dict[str, Any] = {}
     round_.rank_pool(DetectionData(config, samples(range(6), True), pool), 5, {}, warm_report)
     assert warm_report["warm_start"] is True
+    assert warm_report["body_cache"] == {"loaded": report["body_cache"]["added"], "added": 0}
 
 
 @pytest.mark.skipif(not BCCD_ARCHIVE.exists(), reason="needs ../shared/data/bccd-voc.tar.gz")

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from isal_backend.models.featurizer import Featurizer, cache_key
-from isal_backend.store import FeatureCache, ImageCache, ModelStore
+from isal_backend.store import FeatureCache, ImageCache, ModelStore, TensorListCache
 
 
 def test_commit_makes_a_round_current_and_loadable(tmp_path: Path) -> None:
@@ -135,3 +135,25 @@ def test_image_cache_keeps_bytes_under_hashed_names(tmp_path: Path) -> None:
     assert cache.get(reference) == b"\xff\xd8jpeg bytes" and cache.get(reference + "x") is None
     names = [p.name for p in (tmp_path / "images").iterdir()]
     assert len(names) == 1 and "SECRET" not in names[0] and not names[0].startswith(".tmp-")
+
+
+def test_tensor_list_cache_persists_float16_chunks_within_its_budget(tmp_path: Path) -> None:
+    folder = tmp_path / "body"
+    value = [torch.randn(4, 8, 8), torch.randn(8, 4, 4)]
+    first = TensorListCache(folder, max_bytes=10 * 2**20)
+    first[b"k1"] = value
+    assert [t.dtype for t in first[b"k1"]] == [torch.float32, torch.float32]
+    assert first.flush() == 1 and first.flush() == 0  # nothing new the second time
+    again = TensorListCache(folder, max_bytes=10 * 2**20)
+    assert again.loaded == 1 and list(again) == [b"k1"]
+    for got, want in zip(again[b"k1"], value, strict=True):
+        assert torch.allclose(got, want, atol=2e-3, rtol=1e-3)  # float16 on disk
+    # Past the budget the oldest chunks go first; their entries are simply computed again later.
+    one_chunk = next(folder.glob("chunk-*.pt")).stat().st_size
+    small = TensorListCache(folder, max_bytes=int(1.5 * one_chunk))
+    small[b"k2"] = value
+    assert small.flush() == 1
+    assert TensorListCache(folder, max_bytes=0).loaded == 1 and b"k2" in TensorListCache(folder, 1)
+    off = TensorListCache(tmp_path / "off", max_bytes=0)
+    off[b"k"] = value
+    assert off.flush() == 0 and not (tmp_path / "off").exists() and len(off) == 1

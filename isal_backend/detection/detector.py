@@ -28,7 +28,7 @@ import hashlib
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -134,7 +134,8 @@ class EfficientNetLite0FPN(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.requires_grad_(False)
-        self.cache: dict[bytes, list[Tensor]] | None = {} if cache_body else None
+        #: Any mutable mapping works (a round passes a disk-backed one: isal_backend.store.TensorListCache).
+        self.cache: MutableMapping[bytes, list[Tensor]] | None = {} if cache_body else None
 
     def train(self, mode: bool = True) -> EfficientNetLite0FPN:
         """Train mode everywhere except BatchNorm, which keeps its ImageNet statistics."""

@@ -62,7 +62,7 @@ from isal_backend.labelstudio.config import DetectionConfig, LabelConfigError, p
 from isal_backend.labelstudio.convert import AnnotationSkipped, latest_annotation, rank_scores
 from isal_backend.labelstudio.images import decode_image
 from isal_backend.settings import Settings
-from isal_backend.store import ImageCache, RoundState
+from isal_backend.store import ImageCache, RoundState, TensorListCache
 from isal_backend.strategies.baselines import k_center_greedy
 
 log = logging.getLogger(__name__)
@@ -209,6 +209,11 @@ class DetectionRound(Round):
         self.images_downloaded += 1
         return image
 
+    def body_cache(self, config: DetectorConfig) -> TensorListCache:
+        """The project's disk-backed cache of the frozen body's outputs (the costly part of every pass)."""
+        folder = self.store.project_dir(self.project_id) / "detector-body" / config.backbone
+        return TensorListCache(folder, self.settings.detection_cache_mb * 2**20)
+
     def load_sample(self, task: dict[str, Any], config: DetectionConfig,
                     skipped: list[dict[str, Any]]) -> Sample | None:
         """The task's image decoded and shrunk, or None with the reason appended to ``skipped``."""
@@ -319,6 +324,18 @@ class DetectionRound(Round):
         config = detector_config(len(data.config.labels), self.settings)
         model = build_detector(config, seed=self.project_id)
         report["warm_start"] = self.warm_start(model, config)
+        body = model.backbone.cache = self.body_cache(config)
+        try:
+            return self._train_and_order(name, model, data, train, ref, count, tensors, report)
+        finally:
+            report["body_cache"] = {"loaded": body.loaded, "added": body.flush()}
+
+    def _train_and_order(
+        self, name: str, model: LiteFCOS, data: DetectionData, train: np.ndarray, ref: np.ndarray,
+        count: int, tensors: dict[str, torch.Tensor], report: dict[str, Any],
+    ) -> tuple[np.ndarray, list[dict[str, torch.Tensor]]]:
+        """Train on ``train``, validate on ``ref``, and order the pool by strategy ``name``."""
+        pool, labeled = data.unlabeled, data.labeled
         train_images = [labeled[i].image for i in train]
         train_targets = [labeled[i].target for i in train]
         ref_images = [labeled[i].image for i in ref]
@@ -329,8 +346,9 @@ class DetectionRound(Round):
         validation = mean_average_precision(model.predict(ref_images), ref_targets, len(data.config.labels))
         tensors.update({DETECTOR_PREFIX + k: v for k, v in model.state_dict().items()})
         report.update({
-            "train_size": len(train), "reference_size": len(ref), "boxes_labeled": boxes,
-            "detector": asdict(config), "train_steps": trained.steps, "train_loss": round(trained.final_loss, 4),
+            "train_size": len(train), "reference_size": len(ref),
+            "boxes_labeled": sum(len(s.target["labels"]) for s in labeled if s.target is not None),
+            "detector": asdict(model.config), "train_steps": trained.steps, "train_loss": round(trained.final_loss, 4),
             "validation_map50": round(float(validation["map"]), 4),
         })
         pool_images = [s.image for s in pool]
@@ -392,13 +410,21 @@ class DetectionRound(Round):
         weights = {k[len(DETECTOR_PREFIX):]: v for k, v in stored.tensors.items() if k.startswith(DETECTOR_PREFIX)}
         if not isinstance(spec, dict) or not weights:
             return None
-        model = build_detector(DetectorConfig(**{**spec, "pretrained": False}), seed=None)
+        config = DetectorConfig(**{**spec, "pretrained": False})
+        model = build_detector(config, seed=None)
         model.load_state_dict(weights)
+        if config.cache_body:
+            model.backbone.cache = self.body_cache(config)
         return model.eval()
 
-    def predictions_for(self, stored: RoundState, config: DetectionConfig,
-                        tasks: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Pre-labels and influence-derived scores of ``tasks`` under the stored round, and what was skipped."""
+    def predictions_for(self, stored: RoundState, config: DetectionConfig, tasks: list[dict[str, Any]],
+                        keep_body_outputs: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Pre-labels and influence-derived scores of ``tasks`` under the stored round, and what was skipped.
+
+        ``keep_body_outputs`` writes the new images' body outputs to the project's cache for the next
+        round (worth it for a batch of new tasks; not for one ``/predict`` call, which would leave a
+        chunk file per call).
+        """
         skipped: list[dict[str, Any]] = []
         samples = [s for s in (self.load_sample(t, config, skipped) for t in tasks) if s is not None]
         model = self.stored_detector(stored)
@@ -406,18 +432,21 @@ class DetectionRound(Round):
             return [{"task": s.task["id"], "result": [], "score": 0.5, "model_version": stored.round_id}
                     for s in samples], skipped
         threshold = float(stored.report.get("score_threshold", self.settings.detection_score_threshold))
+        images = [s.image for s in samples]
         if "s_test" not in stored.tensors:  # a baseline strategy's round: pre-labels, no influence to rank by
-            return [{"task": s.task["id"], "result": prelabel(det, s, config, threshold), "score": 0.5,
-                     "model_version": stored.round_id}
-                    for s, det in zip(samples, model.predict([s.image for s in samples]), strict=True)], skipped
-        params = stored.report.get("influence_params") or list(FINAL_CONVS)  # s_test's layout is the round's
-        problem = DetectionInfluence(model, [], [], [], [], params=params, score_threshold=threshold)
-        result = problem.score_images(stored.tensors["s_test"], [s.image for s in samples])
-        mapped = score_to_unit_interval(result.scores, stored.tensors.get("pool_scores_sorted"))
+            detections, scores = model.predict(images), [0.5] * len(samples)
+        else:
+            params = stored.report.get("influence_params") or list(FINAL_CONVS)  # s_test's layout is the round's
+            problem = DetectionInfluence(model, [], [], [], [], params=params, score_threshold=threshold)
+            result = problem.score_images(stored.tensors["s_test"], images)
+            detections = result.detections
+            scores = score_to_unit_interval(result.scores, stored.tensors.get("pool_scores_sorted"))
+        if keep_body_outputs and isinstance(model.backbone.cache, TensorListCache):
+            model.backbone.cache.flush()
         return [
             {"task": s.task["id"], "result": prelabel(det, s, config, threshold), "score": score,
              "model_version": stored.round_id}
-            for s, det, score in zip(samples, result.detections, mapped, strict=True)
+            for s, det, score in zip(samples, detections, scores, strict=True)
         ], skipped
 
 
@@ -433,7 +462,7 @@ def score_new_detection_tasks(round_: Round, stored: RoundState, config: Detecti
     wanted = {int(t) for t in task_ids}
     tasks = [t for t in detection.client.list_tasks(round_.project_id)
              if t["id"] in wanted and not t.get("annotations")]
-    predictions, skipped = detection.predictions_for(stored, config, tasks)
+    predictions, skipped = detection.predictions_for(stored, config, tasks, keep_body_outputs=True)
     if predictions:
         detection.client.import_predictions(round_.project_id, predictions)
     return {"project": round_.project_id, "scored": len(predictions), "skipped": skipped,
