@@ -208,7 +208,9 @@ class TensorListCache(MutableMapping[bytes, list[torch.Tensor]]):
         if self.folder.exists():
             for path in sorted(self.folder.glob("chunk-*.pt"), key=lambda p: p.name):
                 try:
-                    chunk = torch.load(path, map_location="cpu", weights_only=True)
+                    # Memory-mapped: a project's whole cache can be larger than the worker's RAM;
+                    # only the entries a round touches are paged in.
+                    chunk = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                 except FileNotFoundError:  # deleted by another process's budget check meanwhile
                     continue
                 for key, value in zip(chunk["keys"], chunk["values"], strict=True):

@@ -8,6 +8,11 @@ one forward-mode pass through them: the target is ``ratio_isal_vs_forward >= 0.8
 
 The pseudo-label threshold is set low (0.05) on purpose: an untrained detector's boxes all score
 about 0.07, so every image brings up to 100 pseudo boxes, the most expensive case for matching.
+
+Second figure: what the round's disk cache of the frozen body's outputs saves. The round's own
+detector (body frozen) trains ``steps`` mini-batches and predicts a pool, once with an empty cache
+(the baseline: every image through the backbone, as in a project's first round) and once with the
+cache the first pass left on disk (a later round on the same images).
 """
 
 from __future__ import annotations
@@ -15,14 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from isal_backend.detection.detector import DetectorConfig, build_detector
+from isal_backend.detection.bench_al import BENCH_DETECTOR
+from isal_backend.detection.detector import DetectorConfig, build_detector, train_detector
 from isal_backend.detection.influence import DetectionInfluence
+from isal_backend.store import TensorListCache
 
 
 def _rate(fn: Callable[[], object], samples: int) -> float:
@@ -84,9 +92,37 @@ def measure_detection_speed(quick: bool = False, device: str = "cpu", batch_size
     }
 
 
+def measure_body_cache(quick: bool = False) -> dict[str, object]:
+    """Seconds for a round's training and pool pass with an empty body cache and with a warm one."""
+    train_n, pool_n, steps = (8, 8, 5) if quick else (40, 100, 60)
+    images, targets, source = _images(train_n + pool_n)
+    config = DetectorConfig(num_classes=3, **BENCH_DETECTOR)
+
+    def one_round(cache: TensorListCache) -> float:
+        model = build_detector(config, seed=0)
+        model.backbone.cache = cache
+        start = time.perf_counter()
+        train_detector(model, images[:train_n], targets[:train_n], steps, batch_size=4, seed=1)
+        model.predict(images[train_n : train_n + pool_n])
+        return time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory() as folder:
+        empty = TensorListCache(folder, max_bytes=2**40)
+        cold = one_round(empty)
+        stored = empty.flush()
+        warm = one_round(TensorListCache(folder, max_bytes=2**40))
+        disk = sum(p.stat().st_size for p in Path(folder).glob("chunk-*.pt"))
+    return {
+        "round_images": source, "round_train_images": train_n, "round_pool_images": pool_n, "round_steps": steps,
+        "round_seconds_empty_body_cache": round(cold, 2), "round_seconds_warm_body_cache": round(warm, 2),
+        "round_speedup_from_body_cache": round(cold / warm, 2), "body_cache_entries": stored,
+        "body_cache_kib_per_entry": round(disk / max(1, stored) / 1024, 1),
+    }
+
+
 def main(args: argparse.Namespace) -> int:
     """``bench speed --task detection``: write the JSON, print the figures."""
-    figures = measure_detection_speed(quick=args.quick, device=args.device)
+    figures = {**measure_detection_speed(quick=args.quick, device=args.device), **measure_body_cache(args.quick)}
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(figures, indent=2) + "\n")
