@@ -333,20 +333,20 @@ def plot_detection_curves(rows: Sequence[Mapping[str, object]], path: Path, titl
 
 def format_detection_table(summary: Mapping[str, object]) -> str:
     """Headline figures, one strategy per line."""
-    lines = [f"{'strategy':<17}{'AUC img %':>11}{'AUC box %':>11}{'final %':>9}{'dAUC img':>10}{'p':>8}"
-             f"{'dAUC box':>10}{'p':>8}"]
+    lines = [f"{'strategy':<17}{'AUC img %':>11}{'AUC box %':>11}{'final %':>9}{'dAUC img':>10}{'p':>9}"
+             f"{'dAUC box':>10}{'p':>9}"]
     for name, e in summary["strategies"].items():  # type: ignore[union-attr]
         vr = e.get("vs_random", {})
 
         def f(stats: Mapping[str, object] | None, key: str = "mean") -> str:
             v = (stats or {}).get(key)
             return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.2f}" if key == "mean" \
-                else f"{v:.3g}"
+                else f"{v:.2g}"
 
         lines.append(f"{name:<17}{e['auc_vs_images']['mean']:>11.2f}{e['auc_vs_boxes']['mean']:>11.2f}"
                      f"{e['final_map50']['mean']:>9.2f}{f(vr.get('auc_vs_images')):>10}"
-                     f"{f(vr.get('auc_vs_images'), 'p'):>8}{f(vr.get('auc_vs_boxes')):>10}"
-                     f"{f(vr.get('auc_vs_boxes'), 'p'):>8}")
+                     f"{f(vr.get('auc_vs_images'), 'p'):>9}{f(vr.get('auc_vs_boxes')):>10}"
+                     f"{f(vr.get('auc_vs_boxes'), 'p'):>9}")
     return "\n".join(lines)
 
 
