@@ -51,6 +51,8 @@ from isal_backend.strategies.isal import balanced_order
 
 STRATEGIES = ("isal", "random", "mean-confidence", "isal-train-ref", "isal-balanced")
 DEFAULT_STRATEGIES = ("isal", "random", "mean-confidence")
+#: Strategies that score with a second detector chain trained without R (as the backend does).
+HELD_OUT_R = ("isal", "isal-balanced")
 FIELDS = ("strategy", "seed", "images", "boxes", "map50")
 
 
@@ -113,12 +115,11 @@ def _select(
         order = rng.permutation(len(pool))
     elif strategy == "mean-confidence":
         order = order_by_mean_confidence(model.predict([data.images[i] for i in pool]))
-    elif strategy in ("isal", "isal-train-ref", "isal-balanced"):
-        if strategy != "isal-train-ref":
+    elif strategy in (*HELD_OUT_R, "isal-train-ref"):
+        if strategy in HELD_OUT_R:
             if scorer is None:
-                raise ValueError("isal needs its scoring detector trained without the reference set")
-            train_pos, ref_pos = stable_reference(labeled, protocol.reference_fraction, salt)
-            train, ref = [labeled[i] for i in train_pos], [labeled[i] for i in ref_pos]
+                raise ValueError(f"{strategy} needs its scoring detector trained without the reference set")
+            train, ref = _split_reference(labeled, protocol, salt)
         else:
             scorer, train, ref = model, labeled, labeled
         problem = DetectionInfluence(scorer, [data.images[i] for i in train], [data.targets[i] for i in train],
@@ -140,11 +141,16 @@ def _select(
     return [pool[int(j)] for j in order[: protocol.budget]], info
 
 
+def _split_reference(labeled: list[int], protocol: DetectionProtocol, salt: int) -> tuple[list[int], list[int]]:
+    """(train, R) of the labeled indices, by the backend's stable rule."""
+    train_pos, ref_pos = stable_reference(labeled, protocol.reference_fraction, salt)
+    return [labeled[i] for i in train_pos], [labeled[i] for i in ref_pos]
+
+
 def _train_outside_reference(model: LiteFCOS, data: DetectionDataset, labeled: list[int], steps: int,
                              protocol: DetectionProtocol, salt: int, seed: int) -> None:
-    """Train ``isal``'s scoring detector on the labeled images outside R (warm start, in place)."""
-    train_pos, _ = stable_reference(labeled, protocol.reference_fraction, salt)
-    train = [labeled[i] for i in train_pos]
+    """Train the scoring detector on the labeled images outside R (warm start, in place)."""
+    train, _ = _split_reference(labeled, protocol, salt)
     train_detector(model, [data.images[i] for i in train], [data.targets[i] for i in train], steps,
                    protocol.batch_size, seed=seed)
 
@@ -198,14 +204,14 @@ def run_detection_al(
         first_map = _evaluate(first, data, test)
         log(f"seed {seed}: start {len(start)} images, mAP {first_map:.3f}")
         first_scorer = None
-        if {"isal", "isal-balanced"} & set(strategies):  # the scoring chain starts like ``first``, without R
+        if set(HELD_OUT_R) & set(strategies):  # the scoring chain starts like ``first``, without R
             first_scorer = build_detector(config, seed=seed)
             first_scorer.backbone.cache = cache
             _train_outside_reference(first_scorer, data, start, protocol.first_steps, protocol, seed, seed)
         for strategy in strategies:
             model = copy.deepcopy(first)
             model.backbone.cache = cache
-            scorer = copy.deepcopy(first_scorer) if strategy in ("isal", "isal-balanced") else None
+            scorer = copy.deepcopy(first_scorer) if strategy in HELD_OUT_R else None
             if scorer is not None:
                 scorer.backbone.cache = cache
             labeled = list(start)
