@@ -66,6 +66,25 @@ def _tag(element: ET.Element) -> str:
     return element.tag.lower() if isinstance(element.tag, str) else ""
 
 
+def _option_labels(control: ET.Element, control_kind: str, option_kind: str, name: str) -> list[str]:
+    """The labels of a control tag's options (``<Choice>``s or ``<Label>``s), unique and non-empty.
+
+    Label Studio stores an option's alias in results when one is set, so that is the label the backend
+    sees and writes; otherwise its value.
+    """
+    labels: list[str] = []
+    for child in control.iter():
+        if child is control or _tag(child) in _LAYOUT_TAGS:
+            continue
+        label = child.get("alias") or child.get("value") or ""
+        if not label.strip():
+            raise _error(f'<{option_kind}> in <{control_kind} name="{name}"> has an empty value')
+        if label in labels:
+            raise _error(f'<{option_kind} value="{label}"> appears twice in <{control_kind} name="{name}">')
+        labels.append(label)
+    return labels
+
+
 def _image_name_and_value(image: ET.Element) -> tuple[str, str]:
     """The <Image>'s name and its ``$key`` value (validated)."""
     image_name = (image.get("name") or "").strip()
@@ -114,16 +133,7 @@ def _parse_detection(root: ET.Element) -> DetectionConfig:
     if tag.get("choice") not in _CHOICE_MODES:
         raise _error(f'<RectangleLabels name="{labels_name}"> choice="{tag.get("choice")}" is not supported '
                      "(one label per box)")
-    labels: list[str] = []
-    for child in tag.iter():
-        if child is tag or _tag(child) in _LAYOUT_TAGS:
-            continue
-        label = child.get("alias") or child.get("value") or ""
-        if not label.strip():
-            raise _error(f'<Label> in <RectangleLabels name="{labels_name}"> has an empty value')
-        if label in labels:
-            raise _error(f'<Label value="{label}"> appears twice in <RectangleLabels name="{labels_name}">')
-        labels.append(label)
+    labels = _option_labels(tag, "RectangleLabels", "Label", labels_name)
     if not labels:
         raise _error(f'<RectangleLabels name="{labels_name}"> needs at least one <Label>')
     return DetectionConfig(image_name=image_name, image_value_key=value[1:], labels_name=labels_name, labels=labels)
@@ -175,17 +185,7 @@ def parse_label_config(xml: str) -> ClassificationConfig:
     if mode not in _CHOICE_MODES:
         raise _error(f'<Choices name="{choices_name}"> choice="{mode}" is not supported (single-label only)')
 
-    labels: list[str] = []
-    for child in choice_tag.iter():
-        if child is choice_tag or (isinstance(child.tag, str) and child.tag.lower() in _LAYOUT_TAGS):
-            continue
-        # LS stores the alias in results when one is set, so that is the label the backend sees and writes.
-        label = child.get("alias") or child.get("value") or ""
-        if not label.strip():
-            raise _error(f'<Choice> in <Choices name="{choices_name}"> has an empty value')
-        if label in labels:
-            raise _error(f'<Choice value="{label}"> appears twice in <Choices name="{choices_name}">')
-        labels.append(label)
+    labels = _option_labels(choice_tag, "Choices", "Choice", choices_name)
     if len(labels) < 2:
         raise _error(f'<Choices name="{choices_name}"> needs at least two <Choice> labels, got {len(labels)}')
 
