@@ -174,6 +174,7 @@ def run_curve(
     return curve, {"select_seconds": select_seconds / protocol.cycles, "fallback_cycles": float(fallbacks)}
 
 
+@single_torch_thread()
 def run_benchmark(
     features: FeatureSet,
     strategies: Mapping[str, Callable[[], Strategy]],
@@ -187,19 +188,6 @@ def run_benchmark(
 
     The loop runs torch on ONE thread (see :mod:`isal_backend.threads`): its tensors are small.
     """
-    with single_torch_thread():
-        return _run_benchmark(features, strategies, seeds, protocol, out, meta, progress)
-
-
-def _run_benchmark(
-    features: FeatureSet,
-    strategies: Mapping[str, Callable[[], Strategy]],
-    seeds: Sequence[int],
-    protocol: Protocol,
-    out: Path,
-    meta: dict[str, object],
-    progress: bool,
-) -> dict[str, object]:
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
