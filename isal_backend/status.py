@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from isal_backend.queue.base import Outcome
 from isal_backend.settings import Settings
 
 _file_lock = threading.Lock()
@@ -124,19 +125,19 @@ def record_job_outcome(
     project_id: int,
     kind: str,
     job_id: str,
-    outcome: str,
+    outcome: Outcome,
     error: str | None = None,
     settings: Settings | None = None,
     store: StatusStore | None = None,
     **extra: Any,
 ) -> None:
-    """The queue records each job's end here: ``outcome`` is succeeded, retrying, failed or lost."""
-    entry = {"kind": kind, "job_id": job_id, "outcome": outcome, "at": time.time(), **extra}
+    """The queue records each job's end here (both queues, one :class:`Outcome` vocabulary)."""
+    entry = {"kind": kind, "job_id": job_id, "outcome": str(outcome), "at": time.time(), **extra}
     if error:
         entry["error"] = error[-2000:]
     store = store or _store(settings)
     _update(store, project_id, "last_job", entry)
-    if outcome in ("failed", "lost"):
+    if Outcome(outcome).is_failure:
         _update(store, project_id, "last_failure", entry)
 
 

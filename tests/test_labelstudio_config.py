@@ -16,7 +16,7 @@ from isal_backend.labelstudio.config import (
     parse_project_config,
 )
 
-SAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "label-studio-samples"
+SAMPLES = Path(__file__).resolve().parent / "fixtures" / "label-studio-samples"
 
 
 def _sample_configs() -> list[str]:

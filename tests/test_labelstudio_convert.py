@@ -17,7 +17,7 @@ from isal_backend.labelstudio.convert import (
     task_label,
 )
 
-SAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "label-studio-samples"
+SAMPLES = Path(__file__).resolve().parent / "fixtures" / "label-studio-samples"
 CONFIG = parse_label_config('<View><Image name="image" value="$image"/><Choices name="label" toName="image">'
                             '<Choice value="cat"/><Choice value="dog"/></Choices></View>')
 

@@ -15,7 +15,7 @@ from isal_backend.server import create_app
 from isal_backend.settings import Settings, project_credentials
 from isal_backend.status import record_round
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "label-studio-samples"
+SAMPLES = Path(__file__).resolve().parent / "fixtures" / "label-studio-samples"
 TOKEN = "0123456789abcdef0123456789abcdef01234567"  # /setup's access_token in the sample
 PROJECT_TOKEN = "TxOpq4EfFL8MUjnDFzd5bWUNmwuD8rzYXxm3TrRf"  # every webhook's project.token
 

@@ -12,7 +12,7 @@ from isal_backend.server import create_app
 from isal_backend.server.webhook import parse_webhook
 from isal_backend.settings import Settings
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "label-studio-samples"
+SAMPLES = Path(__file__).resolve().parent / "fixtures" / "label-studio-samples"
 EXPECTED = {  # action -> (HTTP status, job kinds enqueued)
     "ANNOTATION_CREATED": (201, ["round"]),
     "ANNOTATION_UPDATED": (201, ["round"]),

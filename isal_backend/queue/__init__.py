@@ -2,37 +2,19 @@
 
 Two implementations with the same semantics: :class:`~isal_backend.queue.redis_queue.RedisCoalescer`
 (RQ workers, REDIS_URL set) and :class:`~isal_backend.queue.embedded.EmbeddedCoalescer` (a thread in the
-server process). :func:`make_coalescer` picks one from the settings.
+server process). :func:`make_coalescer` picks one from the settings; the embedded one imports neither
+redis nor rq. Submodules import each other, never this package.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
-from isal_backend.queue.context import KINDS, ROUND, SCORE, JobContext, current_job
+from isal_backend.queue.base import KINDS, ROUND, SCORE, Coalescer, Outcome, Submission
+from isal_backend.queue.context import JobContext, current_job
 
 if TYPE_CHECKING:
     from isal_backend.settings import Settings
-
-
-@dataclass(frozen=True)
-class Submission:
-    """Result of an event: ``state`` is ``enqueued`` (a new waiting job) or ``absorbed`` (the waiting one covers it)."""
-
-    kind: str
-    project_id: int
-    job_id: str
-    state: str
-    events: int
-
-
-class Coalescer(Protocol):
-    def submit(self, kind: str, project_id: int, task_ids: list[int] | None = None) -> Submission: ...
-
-    def snapshot(self) -> dict[str, Any]: ...
-
-    def close(self) -> None: ...
 
 
 def make_coalescer(settings: Settings) -> Coalescer:
@@ -46,4 +28,5 @@ def make_coalescer(settings: Settings) -> Coalescer:
     return EmbeddedCoalescer.from_settings(settings)
 
 
-__all__ = ["KINDS", "ROUND", "SCORE", "Coalescer", "JobContext", "Submission", "current_job", "make_coalescer"]
+__all__ = ["KINDS", "ROUND", "SCORE", "Coalescer", "JobContext", "Outcome", "Submission", "current_job",
+           "make_coalescer"]

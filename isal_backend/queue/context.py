@@ -11,10 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-ROUND = "round"
-SCORE = "score"
-KINDS = (ROUND, SCORE)
-
 
 @dataclass(frozen=True)
 class JobContext:

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from isal_backend.queue import Submission
-from isal_backend.queue.context import KINDS, ROUND, JobContext, reset_current_job, set_current_job
-from isal_backend.queue.redis_queue import resolve
+from isal_backend.queue.base import KINDS, ROUND, SCORE, Outcome, Submission, resolve
+from isal_backend.queue.context import JobContext, reset_current_job, set_current_job
 from isal_backend.settings import Settings
 from isal_backend.status import StatusStore, record_job_outcome
 
@@ -64,12 +63,12 @@ class EmbeddedCoalescer:
         self._projects: dict[int, _Project] = {}
         self._thread: threading.Thread | None = None
         self._closed = False
-        self.jobs = {"succeeded": 0, "failed": 0, "retrying": 0, "superseded": 0}
+        self.jobs = dict.fromkeys((Outcome.SUCCEEDED, Outcome.FAILED, Outcome.RETRYING, Outcome.SUPERSEDED), 0)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EmbeddedCoalescer:
         return cls(
-            targets={ROUND: settings.round_job, "score": settings.score_job},
+            targets={ROUND: settings.round_job, SCORE: settings.score_job},
             status_folder=Path(settings.model_dir) / "status",
             retries=settings.job_retries,
             backoff=settings.retry_backoff,
@@ -123,7 +122,7 @@ class EmbeddedCoalescer:
             proj = self._projects[item.project_id]
             waiting = proj.pending.get(item.kind)
             if waiting is not None and waiting != item.job_id:
-                self.jobs["superseded"] += 1
+                self.jobs[Outcome.SUPERSEDED] += 1
                 return
             proj.pending.pop(item.kind, None)
             proj.running = item.job_id
@@ -144,7 +143,7 @@ class EmbeddedCoalescer:
                 target(item.project_id, list(task_ids))
         except Exception as exc:  # noqa: BLE001 - reported below and retried
             will_retry = item.attempt < self.retries
-            outcome = "retrying" if will_retry else "failed"
+            outcome = Outcome.RETRYING if will_retry else Outcome.FAILED
             with self._lock:
                 proj.running = None
                 proj.task_ids.update(task_ids)
@@ -165,8 +164,8 @@ class EmbeddedCoalescer:
             reset_current_job(token)
         with self._lock:
             proj.running = None
-            self.jobs["succeeded"] += 1
-        record_job_outcome(item.project_id, item.kind, item.job_id, "succeeded", store=self.store,
+            self.jobs[Outcome.SUCCEEDED] += 1
+        record_job_outcome(item.project_id, item.kind, item.job_id, Outcome.SUCCEEDED, store=self.store,
                            seconds=round(time.time() - started, 3))
 
     def snapshot(self) -> dict[str, Any]:
@@ -182,7 +181,7 @@ class EmbeddedCoalescer:
             }
             queued = len(self._items)
             running = sum(1 for p in self._projects.values() if p.running)
-            jobs = {"queued": queued, "started": running, **self.jobs}
+            jobs = {"queued": queued, "started": running, **{str(k): v for k, v in self.jobs.items()}}
         return {"mode": "embedded", "queue": "embedded", "queue_depth": queued, "jobs": jobs, "projects": projects}
 
     def idle(self) -> bool:

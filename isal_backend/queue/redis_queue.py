@@ -21,7 +21,6 @@ Job ids are ``{kind}-{project}-{uuid4 hex}``: unique, unlike label-studio-ml's w
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 import time
@@ -35,8 +34,8 @@ from rq import Queue, Retry, get_current_job
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
-from isal_backend.queue import Submission
-from isal_backend.queue.context import KINDS, ROUND, SCORE, JobContext, reset_current_job, set_current_job
+from isal_backend.queue.base import KINDS, ROUND, SCORE, Outcome, Submission, resolve
+from isal_backend.queue.context import JobContext, reset_current_job, set_current_job
 from isal_backend.settings import Settings
 from isal_backend.status import StatusStore, record_job_outcome
 
@@ -286,7 +285,7 @@ class RedisCoalescer:
                     logger.warning("project %s: waiting %s job %s is not in RQ; resubmitting", pid, kind, job_id)
                 elif what == "run":
                     logger.error("project %s: %s job %s lost its worker (lease expired); recovering", pid, kind, job_id)
-                    record_job_outcome(pid, kind, job_id, "lost", error="worker died", store=self.status_store)
+                    record_job_outcome(pid, kind, job_id, Outcome.LOST, error="worker died", store=self.status_store)
                     kind = ROUND  # its work (and any task ids it took) is redone by a full round
                 else:
                     logger.warning("project %s: waiting %s job %s lost its worker; resubmitting", pid, kind, job_id)
@@ -329,19 +328,6 @@ class RedisCoalescer:
 # --------------------------------------------------------------------------------------------------
 # The function RQ runs (by its dotted path RUNNER): coalescing bookkeeping around the real job.
 
-_targets: dict[str, Callable[..., Any]] = {}
-
-
-def resolve(path: str) -> Callable[..., Any]:
-    """Import ``package.module.function`` (cached)."""
-    fn = _targets.get(path)
-    if fn is None:
-        module, _, name = path.rpartition(".")
-        fn = getattr(importlib.import_module(module), name)
-        _targets[path] = fn
-    return fn
-
-
 class _Heartbeat(threading.Thread):
     """Renews the running lease so a live job keeps it and a killed one loses it within a lease."""
 
@@ -372,14 +358,14 @@ def run_job(kind: str, project_id: int, config: dict[str, Any]) -> dict[str, Any
         if out[0] == "superseded":
             logger.info("project %s: %s job %s superseded by waiting job %s", project_id, kind, job.id, out[1])
             co.redis.hincrby(key, f"n_superseded_{kind}", 1)
-            return {"outcome": "superseded", "by": out[1]}
+            return {"outcome": Outcome.SUPERSEDED, "by": out[1]}
         if out[0] == "run":
             break
         time.sleep(POLL_S)
     took_over, events, task_ids = out[1] or None, int(out[2]), tuple(int(t) for t in out[3:])
     if took_over:
         logger.error("project %s: took over from %s, whose worker died", project_id, took_over)
-        record_job_outcome(project_id, kind, took_over, "lost", error="worker died", store=co.status_store)
+        record_job_outcome(project_id, kind, took_over, Outcome.LOST, error="worker died", store=co.status_store)
     ctx = JobContext(kind, int(project_id), job.id, events, task_ids, took_over, "redis", co.status_store,
                      successor_waiting=lambda: bool(co.redis.hget(key, f"pend_{kind}")))
     beat = _Heartbeat(lambda: co._heartbeat(keys=[key], args=[job.id, lease_ms]), lease_ms / 3000)
@@ -392,20 +378,19 @@ def run_job(kind: str, project_id: int, config: dict[str, Any]) -> dict[str, Any
     except BaseException as exc:
         will_retry = bool(job.retries_left and job.retries_left > 0)
         restore = [str(t) for t in task_ids]
-        co._finish(keys=[key, ids_key], args=[kind, job.id, "retrying" if will_retry else "failed", int(will_retry)]
-                   + restore)
-        outcome = "retrying" if will_retry else "failed"
+        outcome = Outcome.RETRYING if will_retry else Outcome.FAILED
+        co._finish(keys=[key, ids_key], args=[kind, job.id, outcome, int(will_retry)] + restore)
         logger.error("project %s: %s job %s %s: %r", project_id, kind, job.id, outcome, exc, exc_info=True)
         record_job_outcome(project_id, kind, job.id, outcome, error=traceback.format_exc(), store=co.status_store)
         raise
     finally:
         beat.stopped.set()
         reset_current_job(token)
-    co._finish(keys=[key, ids_key], args=[kind, job.id, "succeeded", 0])
+    co._finish(keys=[key, ids_key], args=[kind, job.id, Outcome.SUCCEEDED, 0])
     record_job_outcome(
-        project_id, kind, job.id, "succeeded", store=co.status_store, seconds=round(time.time() - started, 3)
+        project_id, kind, job.id, Outcome.SUCCEEDED, store=co.status_store, seconds=round(time.time() - started, 3)
     )
-    return {"outcome": "succeeded", "events_seen": events, "result": result if _jsonable(result) else None}
+    return {"outcome": Outcome.SUCCEEDED, "events_seen": events, "result": result if _jsonable(result) else None}
 
 
 def _jsonable(value: Any) -> bool:

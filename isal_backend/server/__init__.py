@@ -1,5 +1,5 @@
-"""The HTTP side: label-studio-ml's Flask app with its 1.0.9 defects fixed (see :mod:`.ls_ml_fixes`)."""
+"""The HTTP side: the backend's views (:mod:`.app`) on label-studio-ml's Flask app, patched (:mod:`.ls_ml`)."""
 
-from isal_backend.server.ls_ml_fixes import IsalModel, create_app
+from isal_backend.server.app import create_app
 
-__all__ = ["IsalModel", "create_app"]
+__all__ = ["create_app"]

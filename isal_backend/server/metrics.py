@@ -15,6 +15,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from isal_backend.queue.base import Outcome
 from isal_backend.status import all_status
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class QueueCollector:
     """Queue depth, jobs by state, per-project coalescing counters and last-round figures."""
 
     def __init__(self, state: Any) -> None:
-        self.state = state  # isal_backend.server.ls_ml_fixes.AppState
+        self.state = state  # isal_backend.server.app.AppState
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("isal_queue_up", "1 when the queue's state could be read")
@@ -98,7 +99,7 @@ class QueueCollector:
                 finished.add_metric([p], float(report["finished_at"]))
             last_job = st.get("last_job") or {}
             if last_job:
-                failed.add_metric([p], 1 if last_job.get("outcome") in ("failed", "lost") else 0)
+                failed.add_metric([p], 1 if last_job.get("outcome") in (Outcome.FAILED, Outcome.LOST) else 0)
             failure = st.get("last_failure") or {}
             if isinstance(failure.get("at"), (int, float)):
                 failure_at.add_metric([p, str(failure.get("kind", "round"))[:16]], float(failure["at"]))

@@ -1,41 +1,10 @@
-"""The backend's HTTP app: label-studio-ml 1.0.9's Flask app with its broken parts replaced.
+"""The backend's HTTP views: /health, /setup, /predict, /webhook, /versions, /metrics, /status, auth, errors.
 
-We keep label-studio-ml's app (``label_studio_ml.api``, initialised through ``init_app`` with a
-``LabelStudioMLBase`` subclass) and its URL map, and replace, in this one module, what is broken in 1.0.9
-(see ``../shared/docs/label-studio.md`` beside the repository):
-
-1. ``RQJobManager.MAX_QUEUE_LEN = 1`` drops a second waiting job ("Maximal RQ queue len 1 reached"), so
-   events are lost -> /webhook goes through :mod:`isal_backend.queue`: per project one job runs and one
-   waits, a new event is absorbed by the waiting one, none is dropped.
-2. Job ids are whole Unix seconds, so two events in one second collide -> uuid4 job ids.
-3. ``job()`` looks the previous result up by the project's ``model_version`` (the backend title), never
-   finds it (NoSuchJobError) and never loads the previous model -> no label-studio-ml job code is used;
-   rounds are ``isal_backend.jobs.round.run_round(project_id)`` and keep their state under MODEL_DIR.
-4. ``TRAIN_EVENTS`` lists ``ANNOTATION_DELETED`` (Label Studio sends ``ANNOTATIONS_DELETED``) and
-   ``PROJECT_UPDATED`` (sent for the backend's own project PATCHes: a retrain loop) -> explicit tables in
-   :mod:`isal_backend.server.webhook`; PROJECT_UPDATED is acknowledged without a job.
-5. ``/webhook`` does ``request.json.pop('action')`` without validation: a bad body is a 500 or a crashed
-   job -> validated, 400 with a message; the handler only validates and enqueues (Label Studio waits 1 s).
-6. ``/versions`` serves only POST, Label Studio calls GET (405) -> GET and POST.
-7. ``/metrics`` returns ``{}`` -> Prometheus text (queue depth, jobs by state, last rounds' timings).
-8. Its before/after-request hooks log full request and response bodies at DEBUG, including /setup's
-   ``access_token`` and the project ``token`` in every webhook -> removed.
-9. ``exception_handler`` and its error handlers answer 500s with a Python traceback (plain text or
-   JSON) -> JSON ``{"error": ...}`` bodies, tracebacks only in the server log.
-10. ``/setup`` instantiates the model and loads "job results" per request, and ignores an invalid label
-    config -> it validates the config (``isal_backend.labelstudio.config.parse_project_config``, 400 on
-    LabelConfigError), stores hostname/access token (0600) for the jobs, and answers at once.
-11. ``/predict`` needs a prior /setup in the same process (``_current_model``) and returns 500 otherwise
-    -> stateless: ``isal_backend.jobs.predict.predict_tasks(project_id, tasks, label_config)``.
-12. ``/train`` (pre-1.4 API) runs training synchronously in the request -> 410 Gone with a pointer.
-13. No authentication -> optional HTTP basic auth on every route except /health.
-
-(``label_studio_ml.model`` also imports ``torch.multiprocessing`` and sets the ``spawn`` start method at
-import; harmless here, so it is left as is.)
-
-The Flask app is a process-wide singleton in label-studio-ml; :func:`create_app` (re)configures it, so
-one process serves one configuration.
+Served on label-studio-ml's Flask app (:mod:`isal_backend.server.ls_ml` swaps its broken views for
+these). Views only validate and hand over: events go to the queue, predictions to
+:func:`isal_backend.jobs.entry.predict_tasks`; nothing here imports torch.
 """
+
 
 from __future__ import annotations
 
@@ -48,12 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request
-from label_studio_ml import api as ls_api
-from label_studio_ml.model import LabelStudioMLBase
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from werkzeug.exceptions import HTTPException
 
+from isal_backend.labelstudio.config import LabelConfigError, parse_project_config
 from isal_backend.queue import ROUND, SCORE, Coalescer, make_coalescer
+from isal_backend.server.ls_ml import patched_app
 from isal_backend.server.metrics import WebhookMetrics, build_registry
 from isal_backend.server.webhook import WebhookError, parse_webhook
 from isal_backend.settings import Settings, SettingsError, configure_logging, save_project_credentials
@@ -72,22 +41,11 @@ class ApiError(Exception):
         self.status, self.message = status, message
 
 
-def _import_predict() -> Any:
-    try:
-        from isal_backend.jobs.predict import predict_tasks
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("isal_backend.jobs"):
-            raise ApiError(503, "prediction is not available: isal_backend.jobs.predict is not installed") from None
-        raise
-    return predict_tasks
+def _predict_tasks(project_id: int, tasks: list[dict[str, Any]], label_config: str) -> list[dict[str, Any]]:
+    """Imported on first use: the web process answers /health and /webhook without loading torch."""
+    from isal_backend.jobs.predict import predict_tasks
 
-
-class IsalModel(LabelStudioMLBase):
-    """The model class label-studio-ml's app is initialised with; predictions come from the jobs package."""
-
-    def predict(self, tasks: list[dict[str, Any]], **kwargs: Any) -> list[dict[str, Any]]:
-        project = kwargs.get("project")
-        return _import_predict()(_project_id(project), tasks, self.label_config)
+    return predict_tasks(project_id, tasks, label_config)
 
 
 @dataclass
@@ -152,16 +110,9 @@ def setup() -> Response:
     if not isinstance(schema, str) or not schema.strip():
         raise ApiError(400, "'schema' must be the project's label config (XML string)")
     try:
-        from isal_backend.labelstudio.config import parse_project_config
-    except ModuleNotFoundError as exc:
-        if not (exc.name or "").startswith("isal_backend.labelstudio"):
-            raise
-        logger.warning("isal_backend.labelstudio.config is missing: label config not validated")
-    else:
-        try:
-            parse_project_config(schema)
-        except ValueError as exc:  # LabelConfigError(ValueError), message names the tag
-            raise ApiError(400, f"unsupported label config: {exc}") from None
+        parse_project_config(schema)
+    except LabelConfigError as exc:  # the message names the tag
+        raise ApiError(400, f"unsupported label config: {exc}") from None
     settings = _state().settings
     folder = settings.model_dir / "projects" / str(project_id)
     folder.mkdir(parents=True, exist_ok=True)
@@ -189,7 +140,7 @@ def predict() -> Response:
         label_config = stored.read_text() if stored.exists() else None
     if label_config is None:
         raise ApiError(400, "'label_config' is missing and the project was never set up (/setup)")
-    results = _import_predict()(project_id, tasks, label_config)
+    results = _predict_tasks(project_id, tasks, label_config)
     if not isinstance(results, list) or len(results) != len(tasks):
         raise ApiError(500, "predict_tasks returned a result count different from the task count")
     version = next((r.get("model_version") for r in results if isinstance(r, dict) and r.get("model_version")), None)
@@ -313,44 +264,20 @@ def _handle_any(exc: Exception) -> tuple[Response, int]:
 
 # -- wiring -----------------------------------------------------------------------------------------
 
-_REPLACED = {
-    "health": health, "_setup": setup, "_predict": predict, "webhook": webhook, "get_version": versions,
-    "metrics": metrics, "_is_training": is_training, "_train": train_gone,
-}
-
-
-def _install(app: Flask) -> None:
-    """Swap label-studio-ml's views, hooks and error handlers for ours (once per process)."""
-    if app.config.get("ISAL_INSTALLED"):
-        return
-    for endpoint, view in _REPLACED.items():
-        if endpoint not in app.view_functions:
-            raise RuntimeError(f"label-studio-ml's app has no endpoint {endpoint!r}: version mismatch")
-        app.view_functions[endpoint] = view
-    app.add_url_rule("/versions", endpoint="get_version", view_func=versions, methods=["GET"])
-    app.add_url_rule("/status/<int:project_id>", endpoint="project_status", view_func=project_status_view,
-                     methods=["GET"])
-    # Defect 8: body-logging hooks (they log tokens).
-    for funcs in (app.before_request_funcs, app.after_request_funcs):
-        for key, hooks in funcs.items():
-            funcs[key] = [h for h in hooks if getattr(h, "__module__", "") != ls_api.__name__]
-    # Defect 9: label-studio-ml's text/traceback error handlers.
-    for handlers in app.error_handler_spec.get(None, {}).values():
-        handlers.clear()
-    app.before_request(_check_basic_auth)
-    app.register_error_handler(ApiError, _handle_api_error)
-    app.register_error_handler(HTTPException, _handle_http)
-    app.register_error_handler(Exception, _handle_any)
-    app.config["ISAL_INSTALLED"] = True
-
-
 def create_app(settings: Settings | None = None, coalescer: Coalescer | None = None) -> Flask:
     """The WSGI app for ``settings`` (default: the environment); reconfigures the process-wide app."""
     settings = settings or Settings.from_env()
     configure_logging(settings)
     settings.model_dir.mkdir(parents=True, exist_ok=True)
-    app = ls_api.init_app(IsalModel, model_dir=str(settings.model_dir))
-    _install(app)
+    app = patched_app(
+        views={"health": health, "_setup": setup, "_predict": predict, "webhook": webhook, "get_version": versions,
+               "metrics": metrics, "_is_training": is_training, "_train": train_gone},
+        routes={"get_version_get": ("/versions", versions, ["GET"]),
+                "project_status": ("/status/<int:project_id>", project_status_view, ["GET"])},
+        before_request=_check_basic_auth,
+        error_handlers={ApiError: _handle_api_error, HTTPException: _handle_http, Exception: _handle_any},
+        model_dir=str(settings.model_dir),
+    )
     previous: AppState | None = app.config.get("ISAL_STATE")
     if previous is not None and previous.coalescer is not coalescer:
         previous.coalescer.close()

@@ -1,0 +1,63 @@
+"""What both queue implementations share: job kinds, job outcomes, the submission record and the interface.
+
+Plain definitions only (no Redis, no RQ), so the embedded queue and the server can use them without
+importing either.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+ROUND = "round"
+SCORE = "score"
+KINDS = (ROUND, SCORE)
+
+
+class Outcome(StrEnum):
+    """How a job ended, as both queues record it in the project's status and counters."""
+
+    SUCCEEDED = "succeeded"
+    RETRYING = "retrying"  # failed; a retry is scheduled
+    FAILED = "failed"  # failed and no retry is left
+    LOST = "lost"  # its worker died; a recovery job redoes its work
+    SUPERSEDED = "superseded"  # never ran: a newer waiting job of the same kind covers it
+
+    @property
+    def is_failure(self) -> bool:
+        return self in (Outcome.FAILED, Outcome.LOST)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """Result of an event: ``state`` is ``enqueued`` (a new waiting job) or ``absorbed`` (the waiting one covers it)."""
+
+    kind: str
+    project_id: int
+    job_id: str
+    state: str
+    events: int
+
+
+class Coalescer(Protocol):
+    def submit(self, kind: str, project_id: int, task_ids: list[int] | None = None) -> Submission: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+_targets: dict[str, Callable[..., Any]] = {}
+
+
+def resolve(path: str) -> Callable[..., Any]:
+    """The job function named ``package.module.function`` (imported once per process)."""
+    fn = _targets.get(path)
+    if fn is None:
+        module, _, name = path.rpartition(".")
+        fn = getattr(importlib.import_module(module), name)
+        _targets[path] = fn
+    return fn
