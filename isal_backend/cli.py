@@ -1,4 +1,4 @@
-"""``python -m isal_backend``: the benchmark and the RQ worker.
+"""``python -m isal_backend``: the benchmarks, the recipe and the RQ worker.
 
 Each sub-command is defined here and implemented where its code lives, imported lazily so that
 ``worker`` does not pay for matplotlib and ``bench`` does not need Redis.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,13 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--dataset", required=True,
                     help="fashion-mnist, cifar10, a folder of class sub-folders; bccd or a VOC folder (detection)")
     al.add_argument("--strategies", default=None,
-                    help="classification: isal,isal-paper,random,entropy,margin,coreset (default all); "
-                    "detection: isal,random,mean-confidence (default), isal-train-ref")
+                    help="comma-separated; default classification: isal,isal-paper,random,entropy,margin,coreset; "
+                    "detection: isal,random,mean-confidence")
     al.add_argument("--seeds", type=int, default=None, help="number of seeds (default 10; 3 with --quick)")
     al.add_argument("--out", required=True, help="output folder for curves.csv, curves.png, summary.json")
-    al.add_argument("--quick", action="store_true", help="a small run that finishes within 2 minutes")
-    al.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    al.add_argument("--backbone", default=None, help="feature extractor (default depends on the dataset)")
+    al.add_argument("--quick", action="store_true", help="a small run that finishes within a few minutes")
+    al.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: ISAL_DEVICE")
+    al.add_argument("--backbone", default=None, help="classification feature extractor (default: ISAL_BACKBONE)")
     al.add_argument("--cycles", type=int, default=None, help="selection cycles")
     al.add_argument("--budget", type=int, default=None, help="labels added per cycle")
     al.add_argument("--pool-size", type=int, default=None, help="subsample the pool to this many images")
@@ -49,29 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--ls-venv", default=None, help="virtualenv with label-studio 1.23.2 (default $LS_VENV)")
     loop.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
 
+    recipe = sub.add_parser("recipe", help="print the recipe a round runs with the current environment (JSON)")
+    recipe.add_argument("--task", default="classification", choices=["classification", "detection"])
+
     worker = sub.add_parser("worker", help="run an RQ worker for the backend's queue (needs REDIS_URL)")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.add_argument("--name", default=None)
     return parser
 
 
-def is_detection_dataset(name: str) -> bool:
-    """BCCD, or a Pascal VOC folder (``JPEGImages/`` and ``Annotations/``)."""
-    path = Path(name).expanduser()
-    return name == "bccd" or ((path / "JPEGImages").is_dir() and (path / "Annotations").is_dir())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "bench" and args.bench == "al" and is_detection_dataset(args.dataset):
-            from isal_backend.detection.bench_al import main as run
+        if args.command == "recipe":
+            from isal_backend.recipe import main as run
 
         elif args.command == "bench" and args.bench == "al":
             from isal_backend.bench.al import main as run
-
-        elif args.command == "bench" and args.bench == "speed" and args.task == "detection":
-            from isal_backend.detection.bench_speed import main as run
 
         elif args.command == "bench" and args.bench == "speed":
             from isal_backend.bench.speed import main as run

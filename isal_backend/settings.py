@@ -18,10 +18,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-# Kept in sync with isal_backend.models.backbones.BACKBONES and isal_backend.strategies.STRATEGIES
-# (tests/test_settings.py checks it); copied so that reading settings never imports torch.
+from isal_backend.strategies import STRATEGIES as KNOWN_STRATEGIES
+
+# Kept in sync with isal_backend.models.backbones.BACKBONES (tests/test_settings.py checks it); copied so
+# that reading settings never imports torch.
 KNOWN_BACKBONES = ("small-cnn", "resnet18", "resnet18-cifar", "efficientnet-lite0")
-KNOWN_STRATEGIES = ("isal", "isal-paper", "random", "entropy", "margin", "least-confidence", "coreset")
 TRAIN_MODES = ("head", "finetune")
 # FCOS's final prediction convs (isal_backend.detection.detector.FINAL_CONVS; the same test checks it).
 KNOWN_DETECTION_PARAMS = ("cls_logits", "bbox_reg", "bbox_ctrness")
@@ -59,6 +60,12 @@ class Settings:
     basic_auth_pass: str | None = field(default=None, repr=False)
     write_top_m: int = 1000
     backbone: str = "efficientnet-lite0"
+    #: Input size of the classification backbone; None = its native size (128 px for EfficientNet-Lite0).
+    image_size: int | None = None
+    #: Principal components the backbone features are projected onto before the head; 0 keeps them raw.
+    feature_dim: int = 128
+    #: L2 weight decay of the classification head (on the projected, unit-variance features).
+    weight_decay: float = 1e-2
     #: None = auto: 2, or 1 for two classes (what `bench al` measured best).
     top_k: int | None = None
     holdout_fraction: float = 0.2
@@ -69,8 +76,8 @@ class Settings:
     rq_queue: str = "isal"
     # Queue plumbing (not in the README's user-facing list; tests and operators may override them).
     redis_prefix: str = "isal"
-    round_job: str = "isal_backend.jobs.round.run_round"
-    score_job: str = "isal_backend.jobs.round.score_new_tasks"
+    round_job: str = "isal_backend.jobs.entry.run_round"
+    score_job: str = "isal_backend.jobs.entry.score_new_tasks"
     lease_seconds: float = 30.0
     job_retries: int = 3
     retry_backoff: tuple[int, ...] = (10, 60, 300)
@@ -78,9 +85,10 @@ class Settings:
     finetune_epochs: int = 3
     delete_old_predictions: bool = True
     shard_lease_seconds: float = 300.0
-    # Object detection projects (<RectangleLabels>); see isal_backend/jobs/detection_round.py.
+    # Object detection projects (<RectangleLabels>); see isal_backend/tasks/detection.py.
     detection_score_threshold: float = 0.5
     detection_steps: int = 60
+    detection_first_steps: int = 150
     detection_image_size: int = 320
     detection_params: tuple[str, ...] = KNOWN_DETECTION_PARAMS
     detection_cache_mb: int = 2048
@@ -129,6 +137,10 @@ class Settings:
             basic_auth_pass=password,
             write_top_m=r.integer("ISAL_WRITE_TOP_M", 1000, minimum=0, hint="0 writes every task"),
             backbone=r.choice("ISAL_BACKBONE", "efficientnet-lite0", KNOWN_BACKBONES),
+            image_size=r.optional_integer("ISAL_IMAGE_SIZE", minimum=16,
+                                          hint="pixels; unset: the backbone's native size"),
+            feature_dim=r.integer("ISAL_FEATURE_DIM", 128, minimum=0, hint="0 keeps the raw backbone features"),
+            weight_decay=r.positive_float("ISAL_WEIGHT_DECAY", 1e-2, unit="a weight decay"),
             top_k=None if (r._raw("ISAL_TOP_K") or "auto").lower() == "auto"
             else r.integer("ISAL_TOP_K", 1, minimum=1, hint="or auto"),
             holdout_fraction=r.fraction("ISAL_HOLDOUT_FRACTION", 0.2),
@@ -139,8 +151,8 @@ class Settings:
             log_level=r.choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
             rq_queue=r.name("RQ_QUEUE", "isal"),
             redis_prefix=r.name("ISAL_REDIS_PREFIX", "isal"),
-            round_job=r.dotted("ISAL_ROUND_JOB", "isal_backend.jobs.round.run_round"),
-            score_job=r.dotted("ISAL_SCORE_JOB", "isal_backend.jobs.round.score_new_tasks"),
+            round_job=r.dotted("ISAL_ROUND_JOB", "isal_backend.jobs.entry.run_round"),
+            score_job=r.dotted("ISAL_SCORE_JOB", "isal_backend.jobs.entry.score_new_tasks"),
             lease_seconds=r.positive_float("ISAL_LEASE_SECONDS", 30.0),
             job_retries=r.integer("ISAL_JOB_RETRIES", 3, minimum=0),
             retry_backoff=r.int_list("ISAL_RETRY_BACKOFF", (10, 60, 300)),
@@ -150,6 +162,8 @@ class Settings:
             detection_score_threshold=r.fraction("ISAL_DETECTION_SCORE_THRESHOLD", 0.5),
             detection_steps=r.integer("ISAL_DETECTION_STEPS", 60, minimum=1,
                                       hint="detector training steps per round, batches of 4 images"),
+            detection_first_steps=r.integer("ISAL_DETECTION_FIRST_STEPS", 150, minimum=1,
+                                            hint="steps of a round with no stored detector to start from"),
             detection_image_size=r.integer("ISAL_DETECTION_IMAGE_SIZE", 320, minimum=64,
                                            hint="long side in pixels the detector sees"),
             detection_params=r.choice_list("ISAL_DETECTION_PARAMS", KNOWN_DETECTION_PARAMS),
@@ -223,13 +237,16 @@ class _Reader:
             raise self._fail(name, value, f"is not an integer >= {minimum}", f"set it to e.g. {default}{extra}")
         return number
 
-    def positive_float(self, name: str, default: float) -> float:
+    def optional_integer(self, name: str, minimum: int, hint: str = "") -> int | None:
+        return None if self._raw(name) is None else self.integer(name, minimum, minimum, hint)
+
+    def positive_float(self, name: str, default: float, unit: str = "a positive number of seconds") -> float:
         value = self._raw(name)
         if value is None:
             return default
         number = _as_float(value)
         if not number > 0 or number == float("inf"):
-            raise self._fail(name, value, "is not a positive number of seconds", f"set it to e.g. {default:g}")
+            raise self._fail(name, value, f"is not {unit}", f"set it to e.g. {default:g}")
         return number
 
     def fraction(self, name: str, default: float) -> float:

@@ -4,7 +4,9 @@ Layout::
 
     MODEL_DIR/projects/<id>/
         credentials.json               /setup's hostname and token (0600, see settings.py)
-        rounds/<round_id>/state.pt     heads and s_test (torch tensors)
+        rounds/<round_id>/state.pt     the round's tensors (heads, s_test, a detector's weights, ...)
+        rounds/<round_id>/meta.json    what the tensors are (task kind, labels, architecture; keys in
+                                       isal_backend/tasks/artifacts.py)
         rounds/<round_id>/report.json  metrics, counts, timings, order in force, skipped items
         CURRENT                        the round id in force (replaced atomically)
         features/<backbone>/*.pt       feature cache chunks (see FeatureCache)
@@ -35,10 +37,11 @@ import torch
 
 @dataclass
 class RoundState:
-    """A stored round: its tensors (heads, s_test, ...) and its JSON report."""
+    """A stored round: its tensors, the metadata that says what they are, and its JSON report."""
 
     round_id: str
     tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
     report: dict[str, Any]
 
 
@@ -73,8 +76,10 @@ class ModelStore:
             return None
         folder = self.project_dir(project_id) / "rounds" / round_id
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        meta_path = folder / "meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         report = json.loads((folder / "report.json").read_text())
-        return RoundState(round_id, state, report)
+        return RoundState(round_id, state, meta, report)
 
     def rounds(self, project_id: int) -> list[str]:
         folder = self.project_dir(project_id) / "rounds"
@@ -85,6 +90,7 @@ class ModelStore:
         project_id: int,
         round_id: str,
         tensors: dict[str, torch.Tensor],
+        meta: dict[str, Any],
         report: dict[str, Any],
     ) -> Path:
         """Write a complete round and make it current; never leaves a half-written round current."""
@@ -94,6 +100,7 @@ class ModelStore:
         staging.mkdir()
         try:
             torch.save(tensors, staging / "state.pt")
+            (staging / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
             (staging / "report.json").write_text(json.dumps(report, indent=2, default=str))
             final = rounds / round_id
             os.rename(staging, final)
@@ -233,6 +240,11 @@ class TensorListCache(MutableMapping[bytes, list[torch.Tensor]]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def pending(self) -> int:
+        """Entries computed since the last flush (what the next :meth:`flush` writes)."""
+        return sum(1 for k in self._new if k in self._entries)
 
     def flush(self) -> int:
         """Write the entries added since the last flush as one chunk, then enforce the budget; returns how many."""

@@ -1,7 +1,8 @@
-"""``bench al``: loaders on real image files, the loop end to end through the CLI, its errors, its statistics.
+"""``bench al``: loaders on real image files, the backend's round end to end through the CLI, its errors, its
+statistics, and that its recipe is the backend's.
 
-Everything runs on a tiny folder of PNGs written here, so the suite stays fast; the heavy
-benchmarks on Fashion-MNIST and CIFAR-10 are run by hand (see README / the issue).
+Everything runs on a tiny folder of PNGs written here (with the small random-init CNN), so the suite stays
+fast; the heavy benchmarks on Fashion-MNIST, CIFAR-10 and BCCD are run by hand (see README / the issue).
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from scipy.stats import ttest_rel
 
 from isal_backend import cli
 from isal_backend.bench import datasets, report
-from isal_backend.bench.al import make_protocol, project_features
-from isal_backend.bench.datasets import DataSpec, load_features, read_idx, split_folder
-from isal_backend.strategies import IsalStrategy, paper_isal
+from isal_backend.bench.al import make_protocol
+from isal_backend.bench.datasets import load_bench_set, read_idx, split_folder
+from isal_backend.models.projection import Projection
+from isal_backend.recipe import recipe
+from isal_backend.settings import Settings
+from isal_backend.tasks.classification import resolved_top_k
 
 CLASSES = ("circle", "square", "stripes")
 PER_CLASS = 15
@@ -62,28 +66,18 @@ def feature_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
-def test_folder_loader_splits_and_caches(image_folder: Path, feature_cache: Path) -> None:
-    spec = DataSpec(str(image_folder), "pixels", 8, None, None)
-    first = load_features(spec, progress=False)
-    assert first.class_names == list(CLASSES)
-    assert first.info["cached"] is False
-    n_pool, n_test = len(first.pool_labels), len(first.test_labels)
-    assert n_pool + n_test == len(CLASSES) * PER_CLASS  # the .txt file is not an image
-    assert first.pool_features.shape == (n_pool, 8 * 8 * 3)
+def test_folder_loader_gives_tasks_their_files_and_truth(image_folder: Path) -> None:
+    bench = load_bench_set(str(image_folder), None, None)
+    assert bench.kind == "classification" and bench.classes == list(CLASSES)
+    assert len(bench.pool) + len(bench.test) == len(CLASSES) * PER_CLASS  # the .txt file is not an image
     # Stratified: every class in both splits, 20% of 15 = 3 per class in the test set.
-    assert np.bincount(first.test_labels.numpy()).tolist() == [3, 3, 3]
-    assert float(first.pool_features.max()) <= 1.0 and float(first.pool_features.min()) >= 0.0
-    # The pixels really come from the files: class means differ.
-    means = [first.pool_features[first.pool_labels == c].mean() for c in range(3)]
-    assert len({round(float(m), 4) for m in means}) == 3
-    second = load_features(spec, progress=False)
-    assert second.info["cached"] is True
-    assert torch.equal(first.pool_features, second.pool_features)
-    assert len(list(feature_cache.glob("*.pt"))) == 1
-    # A different setting is a different cache entry, not a stale hit.
-    other = load_features(DataSpec(str(image_folder), "pixels", 6, None, None), progress=False)
-    assert other.pool_features.shape[1] == 6 * 6 * 3
-    assert len(list(feature_cache.glob("*.pt"))) == 2
+    assert np.bincount([item.label for item in bench.test]).tolist() == [3, 3, 3]
+    item = bench.pool[0]
+    name = item.reference.removeprefix("bench://folder/")
+    assert bench.images(item.reference) == (image_folder / name).read_bytes()  # the file's own bytes
+    assert item.result[0]["value"]["choices"] == [CLASSES[item.label]] and name.startswith(CLASSES[item.label])
+    assert load_bench_set(str(image_folder), None, None).identity == bench.identity
+    assert load_bench_set(str(image_folder), 20, None).identity != bench.identity  # another subset, another cache
 
 
 def test_split_folder_is_seeded_and_stratified() -> None:
@@ -127,49 +121,72 @@ def test_cifar_tar_loader_reads_subsets_without_unpacking(tmp_path: Path) -> Non
                     info.size = buf.tell()
                     buf.seek(0)
                     tar.addfile(info, buf)
-    splits, classes = datasets.load_cifar10(tmp_path, {"train": 5, "test": None}, seed=0)
-    assert classes == ["cat", "dog"]
-    assert splits["train"].images.shape == (5, 32, 32, 3) and splits["train"].images.dtype == np.uint8
-    assert splits["test"].images.shape == (6, 32, 32, 3)
-    assert sorted(splits["test"].labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    bench = datasets.load_cifar10(tmp_path, 5, None, seed=0)
+    assert bench.classes == ["cat", "dog"] and len(bench.pool) == 5 and len(bench.test) == 6
+    assert sorted(item.label for item in bench.test) == [0, 0, 0, 1, 1, 1]
+    with Image.open(io.BytesIO(bench.images(bench.pool[0].reference))) as image:
+        assert image.format == "JPEG" and image.size == (32, 32)  # served as stored in the tar
     assert list(tmp_path.iterdir()) == [archive]  # nothing unpacked
 
 
 ALL = "isal,isal-paper,random,entropy,margin,coreset"
 
 
-def test_cli_end_to_end_on_a_folder(image_folder: Path, tmp_path: Path) -> None:
+def test_cli_end_to_end_on_a_folder_runs_the_backends_round(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ISAL_BACKBONE", "small-cnn")
+    monkeypatch.setenv("ISAL_FEATURE_DIM", "16")
     out = tmp_path / "out"
     argv = ["bench", "al", "--dataset", str(image_folder), "--strategies", ALL, "--seeds", "2",
             "--cycles", "3", "--budget", "4", "--out", str(out), "--quick"]
     assert cli.main(argv) == 0
     assert (out / "curves.png").stat().st_size > 10_000
+    assert not (out / "rounds").exists()  # the projects' model stores are removed after the run
     with (out / "curves.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert set(rows[0]) == {"strategy", "seed", "cycle", "labels", "accuracy"}
+    assert set(rows[0]) == set(report.FIELDS)
     names = ALL.split(",")
-    # Every strategy x seed x cycle (start + 3 cycles), labels growing by the budget from a 2-per-class start.
+    # Every strategy x seed x round (start + 3 cycles), labels growing by the budget from a 2-per-class start.
     got = {(r["strategy"], int(r["seed"]), int(r["cycle"])): r for r in rows}
     assert set(got) == {(s, seed, c) for s in names for seed in (0, 1) for c in range(4)}
     for (_, _, c), r in got.items():
         assert int(r["labels"]) == 6 + 4 * c
-        assert 0.0 <= float(r["accuracy"]) <= 1.0
-    # The random start is shared by all strategies of a seed: identical accuracy at cycle 0.
+        assert 0.0 <= float(r["metric"]) <= 1.0 and float(r["round_seconds"]) > 0
+    # The random start is shared by all strategies of a seed: the same labels, so the same first model.
     for seed in (0, 1):
-        assert len({got[(s, seed, 0)]["accuracy"] for s in names}) == 1
+        assert len({got[(s, seed, 0)]["metric"] for s in names}) == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["meta"]["seeds"] == 2 and summary["meta"]["strategies"] == names
     assert set(summary["strategies"]) == set(names)
     for name in names:
         e = summary["strategies"][name]
-        assert {"auc", "final_accuracy", "labels", "mean_accuracy"} <= set(e)
+        assert {"auc", "final", "labels", "mean_metric", "round_seconds"} <= set(e)
         assert e["auc"]["n"] == 2
         if name != "random":
-            assert {"auc", "final_accuracy"} == set(e["vs_random"])
+            assert {"auc", "final"} == set(e["vs_random"])
             assert {"mean", "std", "p", "n"} == set(e["vs_random"]["auc"])
             assert {"mean_pct", "matched_cycles", "unmatched_cycles"} <= set(e["label_saving_vs_random"])
     assert "label_saving_noise_floor" in summary["strategies"]["random"]
     assert "vs_margin" in summary["strategies"]["isal"]
+    # The benchmark's recipe is the backend's for the same settings (what `recipe` prints).
+    assert summary["recipe"] == recipe(Settings.from_env(), "classification")
+    assert summary["recipe"]["backbone"] == "small-cnn" and summary["recipe"]["feature_projection"]["dim"] == 16
+
+
+def test_recipe_command_prints_the_environments_recipe(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ISAL_WEIGHT_DECAY", "0.003")
+    monkeypatch.setenv("ISAL_STRATEGY", "margin")
+    assert cli.main(["recipe"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == recipe(Settings.from_env(), "classification")
+    assert printed["head"]["weight_decay"] == 0.003 and printed["strategy"] == {"name": "margin"}
+    assert cli.main(["recipe", "--task", "detection"]) == 0
+    detection = json.loads(capsys.readouterr().out)
+    assert detection["task"] == "detection" and detection["strategy"]["name"] == "mean-confidence"
+    assert "classification uncertainty measure" in detection["strategy"]["note"]
 
 
 def test_unknown_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -204,18 +221,20 @@ def test_missing_fashion_mnist_says_how_to_install(
 def test_budget_larger_than_pool_is_a_clear_error(
     image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rc = cli.main(["bench", "al", "--dataset", str(image_folder), "--budget", "500", "--backbone", "pixels",
+    rc = cli.main(["bench", "al", "--dataset", str(image_folder), "--budget", "500", "--backbone", "small-cnn",
                    "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "budget 500 is larger than the unlabeled pool" in err
     assert not (tmp_path / "o").exists()
     with pytest.raises(ValueError, match="larger than the pool"):
-        make_protocol(pool_size=100, num_classes=2, cycles=10, budget=10)  # 4 + 100 > 100
+        make_protocol("classification", 100, 2, cycles=10, budget=10, quick=False)  # 4 + 100 > 100
 
 
 def test_protocol_is_the_papers_shape() -> None:
-    p = make_protocol(pool_size=10_000, num_classes=10, cycles=10, budget=None)
+    p = make_protocol("classification", 10_000, 10, cycles=None, budget=None, quick=False)
     assert (p.start, p.budget, p.final_labels) == (200, 200, 2200)
+    d = make_protocol("detection", 292, 3, cycles=None, budget=None, quick=False)
+    assert (d.start, d.budget, d.cycles) == (20, 20, 4)
 
 
 def test_statistics_against_known_values() -> None:
@@ -243,25 +262,30 @@ def test_statistics_against_known_values() -> None:
 @pytest.mark.parametrize("n, d", [(60, 12), (12, 60)])  # eigh of the covariance, and the thin-SVD path
 def test_pca_projection_matches_numpy(n: int, d: int) -> None:
     rng = np.random.default_rng(0)
-    pool = torch.from_numpy(rng.normal(size=(n, d)) * np.linspace(5, 0.1, d))
-    test = torch.from_numpy(rng.normal(size=(7, d)))
-    fs = datasets.FeatureSet(pool.float(), torch.zeros(n, dtype=torch.long), test.float(),
-                             torch.zeros(7, dtype=torch.long), ["a", "b"])
-    out = project_features(fs, dim=4)
-    assert out.pool_features.shape == (n, 4) and out.test_features.shape == (7, 4)
-    assert float(out.pool_features.var(dim=0).mean()) == pytest.approx(1.0, rel=1e-6)
-    x = pool.float().double().numpy()
+    pool = torch.from_numpy(rng.normal(size=(n, d)) * np.linspace(5, 0.1, d)).float()
+    projection = Projection.fit(pool, dim=4)
+    out = projection(pool)
+    assert out.shape == (n, 4) and projection(torch.zeros(7, d)).shape == (7, 4)
+    assert float(out.var(dim=0).mean()) == pytest.approx(1.0, rel=1e-6)
+    x = pool.double().numpy()
     centered = x - x.mean(axis=0)
-    _, s, vt = np.linalg.svd(centered, full_matrices=False)
-    ref = centered @ vt[:4].T / np.sqrt((s[:4] ** 2 / (n - 1)).mean())
+    _, sing, vt = np.linalg.svd(centered, full_matrices=False)
+    ref = centered @ vt[:4].T / np.sqrt((sing[:4] ** 2 / (n - 1)).mean())
     # Principal directions are defined up to sign: compare sign-free Gram matrices.
-    got = out.pool_features.numpy()
+    got = out.numpy()
     assert np.allclose(got @ got.T, ref @ ref.T, atol=1e-6)
+    assert projection.still_fits(n, d) and not projection.still_fits(2 * n, d)  # refitted as the pool grows
+
+
+def test_projection_fits_on_a_fixed_sample_of_a_large_pool() -> None:
+    pool = torch.randn(5000, 6, generator=torch.Generator().manual_seed(1))
+    a, b = Projection.fit(pool, 3, max_rows=500), Projection.fit(pool, 3, max_rows=500)
+    assert torch.equal(a.basis, b.basis) and a.fitted_on == 5000
 
 
 def test_isal_default_top_k_is_two_but_one_for_two_classes() -> None:
-    assert IsalStrategy().resolved_top_k(10) == 2
-    assert IsalStrategy().resolved_top_k(2) == 1  # K = C would make the expected gradient exactly zero
-    assert paper_isal().resolved_top_k(10) == 1  # the authors' shipped setting stays
+    assert resolved_top_k(None, 10) == 2
+    assert resolved_top_k(None, 2) == 1  # K = C would make the expected gradient exactly zero
+    assert resolved_top_k(1, 10) == 1  # the authors' shipped setting stays
     with pytest.raises(ValueError, match="smaller than the number of classes"):
-        IsalStrategy(top_k=3).resolved_top_k(3)
+        resolved_top_k(3, 3)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from isal_backend.detection.detector import DetectorConfig, LiteFCOS, build_detector, train_detector
-from isal_backend.detection.influence import DetectionInfluence, preconditioned_cg, solve_detection_s_test
-from isal_backend.influence.solvers import LissaConfig
+from isal_backend.detection.influence import DetectionInfluence
+from isal_backend.influence.solvers import LissaConfig, SolverConfig, cg, solve_s_test
 
 
 def _images(n: int, seed: int) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
@@ -178,12 +178,12 @@ def test_parameter_subset_and_lissa_paper_fixed_point(tiny) -> None:
     problem = DetectionInfluence(model, images, targets, ref_images, ref_targets, params=("bbox_ctrness",))
     assert problem.dim == 37
     dense, v = problem.dense_hessian(), problem.reference_gradient()
-    cg, report = solve_detection_s_test(problem, "cg", tol=1e-10, max_iter=500, curvature="hessian")
+    plain, report = solve_s_test(problem, SolverConfig("cg", "hessian", tol=1e-10, max_iter=500))
     assert report.relative_residual < 1e-9
-    assert torch.allclose(cg, torch.linalg.solve(dense, v), rtol=1e-6, atol=1e-10)
+    assert torch.allclose(plain, torch.linalg.solve(dense, v), rtol=1e-6, atol=1e-10)
     scale = max(10.0, 2.0 * torch.linalg.eigvalsh(dense).max().item())
     config = LissaConfig(damp=0.35, scale=scale, depth=60, repeats=1, batch_size=len(images))  # full batch
-    estimate, _ = solve_detection_s_test(problem, "lissa", lissa_config=config)
+    estimate, _ = solve_s_test(problem, SolverConfig("lissa", lissa=config))
     exact = scale * torch.linalg.solve(dense + scale * 0.35 * torch.eye(37, dtype=torch.float64), v)
     assert torch.allclose(estimate, exact, rtol=1e-4, atol=1e-8)
 
@@ -232,17 +232,17 @@ def test_ggn_solve_reaches_tolerance_within_the_bench_budget(tiny) -> None:
     problem = DetectionInfluence(model, images, targets, ref_images, ref_targets, damping=0.01, batch_size=3)
     v = problem.reference_gradient()
     exact = torch.linalg.solve(problem.dense_ggn(), v)
-    s_test, report = solve_detection_s_test(problem, "cg", max_iter=10)  # the QUICK bench's budget
-    assert report.method == "pcg-ggn" and report.iterations <= 3
+    s_test, report = solve_s_test(problem, SolverConfig("cg", "ggn", tol=1e-6, max_iter=10))
+    assert report.method == "pcg" and report.iterations <= 3  # preconditioned by the per-conv blocks
     assert report.relative_residual <= 1e-6
     assert torch.allclose(s_test, exact, rtol=1e-6, atol=1e-9)
-    chol, report = solve_detection_s_test(problem, "cholesky")
+    chol, report = solve_s_test(problem, SolverConfig("cholesky", "ggn"))
     assert report.relative_residual <= 1e-10 and torch.allclose(chol, exact, rtol=1e-8, atol=1e-12)
     # without the block preconditioner plain CG on the same PSD system is far from done after 10 products
-    _, plain = preconditioned_cg(problem.ggn_vp, v, None, tol=1e-6, max_iter=10)
+    _, plain = cg(problem.ggn_vp, v, None, tol=1e-6, max_iter=10)
     assert plain.relative_residual > 10 * report.relative_residual
     with pytest.raises(ValueError, match="curvature"):
-        solve_detection_s_test(problem, "cg", curvature="fisher")
+        SolverConfig("cg", curvature="fisher")
 
 
 def test_warm_start_keeps_weights_and_continues() -> None:

@@ -1,6 +1,6 @@
-"""The detection round's pieces without Label Studio: annotations -> boxes (every bad input reported, none
-fatal), task images through the round's own loader, the reference split, pre-labels back to percent, and
-a short real training + ISAL ordering on BCCD images with a warm start from the stored detector."""
+"""The detection task kind without Label Studio: annotations -> boxes (every bad input reported, none fatal),
+task images through the kind's own loader, pre-labels back to percent, and the backend's round on BCCD
+images in an offline datastore: cold start, ISAL, a warm start, baselines, stored influence reused."""
 
 from __future__ import annotations
 
@@ -14,20 +14,20 @@ import pytest
 import torch
 from PIL import Image
 
-from isal_backend.detection.boxes import regions_to_boxes
-from isal_backend.detection.voc import BCCD_ARCHIVE, load_bccd
-from isal_backend.jobs.detection_round import (
-    DETECTOR_PREFIX,
-    DetectionData,
-    DetectionRound,
-    Sample,
-    prelabel,
-    shrink,
-    task_boxes,
-)
+from isal_backend.bench.datasets import label_config, png_bytes
+from isal_backend.bench.offline import OfflineDatastore
+from isal_backend.bench.voc import BCCD_ARCHIVE_NAME, load_bccd
+from isal_backend.detection.boxes import boxes_to_regions, regions_to_boxes
+from isal_backend.jobs.entry import stored_predictions
 from isal_backend.labelstudio.config import DetectionConfig
 from isal_backend.labelstudio.convert import AnnotationSkipped
+from isal_backend.round import Round
 from isal_backend.settings import Settings, SettingsError
+from isal_backend.store import ModelStore
+from isal_backend.tasks import TaskParts
+from isal_backend.tasks import artifacts as keys
+from isal_backend.tasks.detection import DetectionTask, Sample, prelabel, shrink, task_boxes
+from tests.datafiles import data_file
 
 CONFIG = DetectionConfig(image_name="image", image_value_key="image", labels_name="label",
                          labels=["RBC", "WBC", "Platelets"])
@@ -105,12 +105,15 @@ def data_url(image: Image.Image | None = None, raw: bytes | None = None) -> str:
 
 
 def settings(tmp_path: Path, **extra: Any) -> Settings:
-    # The client is never asked for anything here: images are data URLs, decoded locally.
-    return Settings(label_studio_url="http://127.0.0.1:9", label_studio_api_key="0" * 40, model_dir=tmp_path,
-                    **{"detection_image_size": 64, **extra})
+    return Settings(model_dir=tmp_path, **{"detection_image_size": 64, **extra})
 
 
-def test_split_reports_every_bad_task_and_keeps_the_rest(tmp_path: Path) -> None:
+def detection_task(tmp_path: Path, config: DetectionConfig = CONFIG, **extra: Any) -> DetectionTask:
+    s = settings(tmp_path, **extra)
+    return DetectionTask(config, TaskParts(s, 7, tmp_path / "projects" / "7"))
+
+
+def test_features_report_every_bad_task_and_keep_the_rest(tmp_path: Path) -> None:
     tasks = [
         {"id": 1, "data": {"image": data_url()}, "annotations": []},
         {"id": 2, "data": {"image": data_url()}, "annotations": task([region("a", 10, 10, 50, 50)])["annotations"]},
@@ -120,14 +123,21 @@ def test_split_reports_every_bad_task_and_keeps_the_rest(tmp_path: Path) -> None
          "annotations": task([region("r", 1, 1, 5, 5, rotation=90)])["annotations"]},
         {"id": 6, "data": {"image": data_url()},
          "annotations": task([region("s", 1, 1, 5, 5, "Neutrophil")])["annotations"]},
+        {"id": 8, "data": {"image": data_url()},
+         "annotations": task([region("c", 1, 1, 5, 5)], was_cancelled=True)["annotations"]},
     ]
-    data = DetectionRound(7, settings(tmp_path)).split(CONFIG, tasks)
-    assert [s.task["id"] for s in data.unlabeled] == [1]
-    assert [s.task["id"] for s in data.labeled] == [2, 6]
+    kind = detection_task(tmp_path)
+
+    def no_download(reference: str) -> bytes:
+        raise AssertionError(f"data URLs are decoded locally, not fetched: {reference[:30]}")
+
+    data = kind.features(kind.split(tasks), no_download, None)
+    assert [s.task_id for s in data.pool] == [1] and data.pool_ids == [1]
+    assert [s.task_id for s in data.labeled] == [2, 6] and data.labeled_ids == [2, 6]
     reasons = {s["task"]: s["reason"] for s in data.skipped}
-    assert set(reasons) == {3, 4, 5}
+    assert set(reasons) == {3, 4, 5, 8}
     assert "image could not be loaded" in reasons[3] and "no image under data.image" in reasons[4]
-    assert "rotated" in reasons[5]
+    assert "rotated" in reasons[5] and "cancelled" in reasons[8]
     assert [(n["task"], n["kind"]) for n in data.notes] == [(6, "unknown_label")]
     # 200x100 shrunk to 64x32: the box is scaled with it, and stays in percent of the same image.
     sample = data.labeled[0]
@@ -137,7 +147,7 @@ def test_split_reports_every_bad_task_and_keeps_the_rest(tmp_path: Path) -> None
 
 def test_prelabels_go_back_to_percent_of_the_decoded_image_with_scores() -> None:
     original = Image.new("RGB", (641, 479))
-    sample = Sample({"id": 1}, "ref", shrink(original, 320), original.size)
+    sample = Sample(1, "ref", shrink(original, 320), original.size)
     assert sample.image.shape == (3, 239, 320)
     detection = {"boxes": torch.tensor([[32.0, 24.0, 160.0, 120.0], [0.0, 0.0, 10.0, 10.0]]),
                  "labels": torch.tensor([2, 0]), "scores": torch.tensor([0.9, 0.3])}
@@ -169,110 +179,113 @@ def test_detection_settings_are_read_and_validated() -> None:
             Settings.from_env({name: value})
 
 
-@pytest.mark.skipif(not BCCD_ARCHIVE.exists(), reason="needs ../shared/data/bccd-voc.tar.gz")
-def test_isal_order_on_real_images_with_cold_start_and_warm_start(tmp_path: Path) -> None:
+class BccdProject:
+    """The first ``n`` BCCD images (shrunk to ``side``) as an offline project: PNG bytes, true boxes in percent."""
+
+    def __init__(self, n: int, side: int, project_id: int = 7) -> None:
+        bccd = load_bccd(data_file(BCCD_ARCHIVE_NAME), limit=n, max_side=side)
+        self.classes = list(bccd.classes)
+        self.blobs = {f"bccd-{i}": png_bytes(np.ascontiguousarray(im.permute(1, 2, 0).numpy()))
+                      for i, im in enumerate(bccd.images)}
+        self.truth = {i + 1: boxes_to_regions(t["boxes"].double(), t["labels"], self.classes, im.shape[2],
+                                              im.shape[1]) for i, (t, im) in enumerate(zip(bccd.targets,
+                                                                                             bccd.images,
+                                                                                             strict=True))}
+        self.datastore = OfflineDatastore(project_id, label_config("detection", self.classes),
+                                          {i + 1: f"bccd-{i}" for i in range(n)}, self.blobs.__getitem__)
+
+    def annotate(self, task_ids: range) -> None:
+        for i in task_ids:
+            self.datastore.annotate(i, self.truth[i])
+
+
+def test_isal_round_on_real_images_with_cold_start_and_warm_start(tmp_path: Path) -> None:
     """Real BCCD images, a real (short) training: cold start below 3 images, then ISAL, then a warm start."""
     torch.set_num_threads(2)
-    bccd = load_bccd(limit=14, max_side=128)
-    config = DetectionConfig("image", "image", "label", list(bccd.classes))
-    round_ = DetectionRound(7, settings(tmp_path, detection_steps=4, detection_image_size=128))
+    project = BccdProject(14, 128)
+    store = ModelStore(tmp_path)
+    s = settings(tmp_path, detection_steps=4, detection_first_steps=4, detection_image_size=128)
+    project.annotate(range(1, 3))
+    cold = Round(7, project.datastore, store, s).run()
+    assert cold["order"].startswith("cold-start") and "2 usable annotated images" in cold["cold_start_reason"]
+    assert cold["written"] == 12 and cold["kind"] == "detection"
 
-    def samples(indices: range, labeled: bool) -> list[Sample]:
-        out = []
-        for i in indices:
-            im = bccd.images[i]
-            out.append(Sample({"id": i}, f"bccd-{i}", im, (im.shape[2], im.shape[1]),
-                              bccd.targets[i] if labeled else None))
-        return out
+    project.annotate(range(3, 7))
+    first = Round(7, project.datastore, store, s).run()
+    assert first["order"].startswith("isal:") and first["warm_start"] is False and first["train_steps"] == 4
+    assert first["train_size"] + first["reference_size"] == 6 and first["reference_size"] >= 1
+    assert "strategy_note" not in first and 0 <= first["no_box"] <= 8 and first["written"] == 8
+    stored = store.load(7)
+    assert stored is not None and stored.meta["kind"] == "detection"
+    assert any(k.startswith(keys.DETECTOR_PREFIX) for k in stored.tensors) and keys.S_TEST in stored.tensors
+    assert stored.tensors[keys.POOL_KEYS].numel() == 8 and torch.isfinite(stored.tensors[keys.POOL_KEYS]).all()
 
-    pool = samples(range(6, 14), labeled=False)
-    report: dict[str, Any] = {}
-    order, detections = round_.rank_pool(DetectionData(config, samples(range(2), True), pool), 8, {}, report)
-    assert report["order"].startswith("cold-start") and "2 usable annotated images" in report["cold_start_reason"]
-    assert detections is None and sorted(order.tolist()) == list(range(8))
-
-    tensors: dict[str, torch.Tensor] = {}
-    report = {}
-    order, detections = round_.rank_pool(DetectionData(config, samples(range(6), True), pool), 5, tensors, report)
-    assert report["order"].startswith("isal:") and report["warm_start"] is False
-    assert report["train_size"] + report["reference_size"] == 6 and report["train_steps"] == 4
-    assert report["reference_size"] >= 1 and "strategy_note" not in report
-    scores = tensors["pool_scores_sorted"]
-    assert scores.numel() == 8 and torch.isfinite(scores).all()
-    assert len(order) == 5 and len(set(order.tolist())) == 5 and len(detections) == 8
-    assert 0 <= report["no_box"] <= 8
-
-    # Rescoring the pool with the stored round (what /predict and new tasks do) puts the chosen five at
-    # the bottom of the round's own score distribution, in order: most negative influence first.
-    round_.store.commit(7, "r1", tensors, report)
-    stored = round_.store.load(7)
-    assert stored is not None and any(k.startswith(DETECTOR_PREFIX) for k in stored.tensors)
-    as_tasks = [{"id": s.task["id"], "data": {"image": data_url(Image.fromarray(
-        np.ascontiguousarray(s.image.permute(1, 2, 0).numpy())))}} for s in pool]
-    predictions, skipped = round_.predictions_for(stored, config, as_tasks)
-    assert skipped == [] and [p["task"] for p in predictions] == [s.task["id"] for s in pool]
-    mapped = [predictions[i]["score"] for i in order.tolist()]
-    assert mapped == pytest.approx([j / 8 for j in range(5)])
+    # Rescoring the pool with the stored round (what /predict and new tasks do) puts the round's order at the
+    # bottom of its own score distribution, in order: most negative influence first.
+    kind = DetectionTask(DetectionConfig("image", "image", "label", project.classes),
+                         TaskParts(s, 7, store.project_dir(7)))
+    model = kind.load(stored)
+    pool = [t for t in project.datastore.tasks() if not t["annotations"]]
+    predictions, skipped = stored_predictions(kind, model, pool, project.datastore.image, stored.round_id)
+    assert skipped == [] and [p["task"] for p in predictions] == [t["id"] for t in pool]
+    by_task = {p["task"]: p["score"] for p in predictions}
+    assert [by_task[t] for t in first["top_tasks"]] == pytest.approx([j / 8 for j in range(8)])
     assert all(r["type"] == "rectanglelabels" and 0.0 <= r["score"] <= 1.0 for p in predictions for r in p["result"])
+    assert project.datastore.prediction(first["top_tasks"][0])["score"] == 0.0  # the stream serves it first
 
-    assert report["body_cache"]["loaded"] == 0 and report["body_cache"]["added"] > 0
-
-    # The second round reads every body output from the project's cache: the same images (and, with
-    # the same training seed, the same flips) need no backbone pass at all.
-    warm_report: dict[str, Any] = {}
-    round_.rank_pool(DetectionData(config, samples(range(6), True), pool), 5, {}, warm_report)
-    assert warm_report["warm_start"] is True
-    assert warm_report["body_cache"] == {"loaded": report["body_cache"]["added"], "added": 0}
+    # The second round reads every body output from the project's cache (written by the first round's
+    # commit): the same images need no backbone pass at all; the detector warm-starts.
+    second = Round(7, project.datastore, store, s).run()
+    assert second["warm_start"] is True and second["body_cache"]["loaded"] > 0
+    assert second["body_cache"]["loaded"] == first["body_cache"]["loaded"] + first["body_cache"]["computed"]
+    assert second["body_cache"]["computed"] == 0
 
 
-@pytest.mark.skipif(not BCCD_ARCHIVE.exists(), reason="needs ../shared/data/bccd-voc.tar.gz")
 @pytest.mark.parametrize(("strategy", "order"), [("random", "random"), ("margin", "mean-confidence"),
                                                  ("coreset", "coreset")])
 def test_baseline_strategies_order_a_detection_project_with_the_same_trained_detector(
     tmp_path: Path, strategy: str, order: str
 ) -> None:
     torch.set_num_threads(2)
-    bccd = load_bccd(limit=10, max_side=96)
-    config = DetectionConfig("image", "image", "label", list(bccd.classes))
-    round_ = DetectionRound(3, settings(tmp_path, detection_steps=2, detection_image_size=96, strategy=strategy))
-    samples = [Sample({"id": i}, f"bccd-{i}", bccd.images[i], (bccd.images[i].shape[2], bccd.images[i].shape[1]),
-                      bccd.targets[i] if i < 6 else None) for i in range(10)]
-    tensors: dict[str, torch.Tensor] = {}
-    report: dict[str, Any] = {}
-    picked, detections = round_.rank_pool(DetectionData(config, samples[:6], samples[6:]), 3, tensors, report)
+    project = BccdProject(10, 96, project_id=3)
+    project.annotate(range(1, 7))
+    store = ModelStore(tmp_path)
+    s = settings(tmp_path, detection_steps=2, detection_first_steps=2, detection_image_size=96, strategy=strategy)
+    report = Round(3, project.datastore, store, s, write_size=3).run()
     assert report["order"].startswith(order) and report["train_steps"] == 2
     assert ("strategy_note" in report) == (strategy == "margin")
-    assert len(picked) == 3 and len(set(picked.tolist())) == 3 and set(picked.tolist()) <= {0, 1, 2, 3}
-    assert detections is not None and len(detections) == 4
-    assert any(k.startswith(DETECTOR_PREFIX) for k in tensors) and "s_test" not in tensors
-    round_.store.commit(3, "r-base", tensors, report)
-    as_tasks = [{"id": s.task["id"], "data": {"image": data_url(Image.fromarray(
-        np.ascontiguousarray(s.image.permute(1, 2, 0).numpy())))}} for s in samples[6:]]
-    predictions, skipped = round_.predictions_for(round_.store.load(3), config, as_tasks)
-    assert skipped == [] and [p["score"] for p in predictions] == [0.5] * 4
-    if strategy == "margin":
-        conf = [float(d["scores"].mean()) if len(d["scores"]) else 0.0 for d in detections]
-        assert [conf[i] for i in picked.tolist()] == sorted(conf)[:3]
+    assert report["written"] == 3 and len(set(report["top_tasks"])) == 3 and set(report["top_tasks"]) <= {7, 8, 9, 10}
+    stored = store.load(3)
+    assert any(k.startswith(keys.DETECTOR_PREFIX) for k in stored.tensors) and keys.S_TEST not in stored.tensors
+    kind = DetectionTask(DetectionConfig("image", "image", "label", project.classes),
+                         TaskParts(s, 3, store.project_dir(3)))
+    pool = [t for t in project.datastore.tasks() if not t["annotations"]]
+    predictions, skipped = stored_predictions(kind, kind.load(stored), pool, project.datastore.image,
+                                              stored.round_id)
+    assert skipped == [] and len(predictions) == 4
+    scores = [p["score"] for p in predictions]
+    if strategy == "margin":  # mean confidence places new tasks among the round's pool
+        assert sorted(scores) == pytest.approx([j / 4 for j in range(4)])
+    else:  # random and core-set orders are set-wise: nothing to place a new task by
+        assert scores == [0.5] * 4
 
 
-@pytest.mark.skipif(not BCCD_ARCHIVE.exists(), reason="needs ../shared/data/bccd-voc.tar.gz")
 def test_influence_over_the_configured_convs_is_stored_and_reused_for_new_tasks(tmp_path: Path) -> None:
     torch.set_num_threads(2)
-    bccd = load_bccd(limit=9, max_side=96)
-    config = DetectionConfig("image", "image", "label", list(bccd.classes))
-    round_ = DetectionRound(5, settings(tmp_path, detection_steps=2, detection_image_size=96,
-                                        detection_params=("cls_logits",)))
-    samples = [Sample({"id": i}, f"bccd-{i}", bccd.images[i], (bccd.images[i].shape[2], bccd.images[i].shape[1]),
-                      bccd.targets[i] if i < 6 else None) for i in range(9)]
-    tensors: dict[str, torch.Tensor] = {}
-    report: dict[str, Any] = {}
-    round_.rank_pool(DetectionData(config, samples[:6], samples[6:]), 3, tensors, report)
-    weight = tensors[DETECTOR_PREFIX + "head.classification_head.cls_logits.weight"]
-    assert report["influence_params"] == ["cls_logits"] and tensors["s_test"].numel() == weight.numel() + 3
-    round_.store.commit(5, "r-cls", tensors, report)
+    project = BccdProject(9, 96, project_id=5)
+    project.annotate(range(1, 7))
+    store = ModelStore(tmp_path)
+    s = settings(tmp_path, detection_steps=2, detection_first_steps=2, detection_image_size=96,
+                 detection_params=("cls_logits",))
+    report = Round(5, project.datastore, store, s).run()
+    stored = store.load(5)
+    weight = stored.tensors[keys.DETECTOR_PREFIX + "head.classification_head.cls_logits.weight"]
+    assert report["influence_params"] == ["cls_logits"] and stored.tensors[keys.S_TEST].numel() == weight.numel() + 3
     # A later setting does not change how the stored round scores: its s_test is laid out over cls_logits.
-    round_.settings = settings(tmp_path, detection_image_size=96)
-    as_tasks = [{"id": s.task["id"], "data": {"image": data_url(Image.fromarray(
-        np.ascontiguousarray(s.image.permute(1, 2, 0).numpy())))}} for s in samples[6:]]
-    predictions, skipped = round_.predictions_for(round_.store.load(5), config, as_tasks)
+    later = settings(tmp_path, detection_image_size=96)
+    kind = DetectionTask(DetectionConfig("image", "image", "label", project.classes),
+                         TaskParts(later, 5, store.project_dir(5)))
+    pool = [t for t in project.datastore.tasks() if not t["annotations"]]
+    predictions, skipped = stored_predictions(kind, kind.load(stored), pool, project.datastore.image,
+                                              stored.round_id)
     assert skipped == [] and len(predictions) == 3 and all(0.0 <= p["score"] <= 1.0 for p in predictions)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from isal_backend.detection.voc import load_voc
+from isal_backend.bench.voc import load_voc
 
 XML = """<annotation><filename>{name}.jpg</filename><size><width>{w}</width><height>{h}</height><depth>3</depth></size>
 {objects}</annotation>"""

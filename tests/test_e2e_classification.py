@@ -22,8 +22,10 @@ import pytest
 import redis
 import requests
 
+from isal_backend.bench.datasets import CIFAR10_ARCHIVE
 from isal_backend.bench.stack import REPO, Service, backend_env, start_backend, start_worker
 from isal_backend.store import ModelStore
+from tests.datafiles import data_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
@@ -35,16 +37,14 @@ LABEL_CONFIG = (
     + "".join(f'<Choice value="{c}"/>' for c in CLASSES)
     + "</Choices></View>"
 )
-CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
 
 def cifar_images() -> list[tuple[str, str, bytes]]:
     """(file name, class, JPEG bytes) of the first PER_CLASS test images of each class."""
-    if not CIFAR.exists():
-        pytest.fail(f"{CIFAR} is missing: the project's shared data sits beside the repository (../shared/data)")
+    archive = data_file(CIFAR10_ARCHIVE)
     out: list[tuple[str, str, bytes]] = []
     counts = dict.fromkeys(CLASSES, 0)
-    with tarfile.open(CIFAR) as tar:
+    with tarfile.open(archive) as tar:
         for member in tar:
             parts = member.name.split("/")
             if len(parts) == 3 and parts[0] == "test" and parts[1] in counts and counts[parts[1]] < PER_CLASS:

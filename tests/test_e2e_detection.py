@@ -20,8 +20,9 @@ import pytest
 import requests
 from PIL import Image
 
+from isal_backend.bench.voc import BCCD_ARCHIVE_NAME, load_bccd
 from isal_backend.detection.boxes import pixels_to_percent
-from isal_backend.detection.voc import BCCD_ARCHIVE, load_bccd
+from tests.datafiles import data_file
 from tests.test_e2e_classification import Stack, create_annotator, next_task, wait_for_round
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
@@ -38,9 +39,7 @@ LABEL_CONFIG = (
 
 def bccd_files() -> list[tuple[str, bytes, list[dict[str, Any]]]]:
     """(file name, JPEG bytes at 320 px, Label Studio regions in percent from the VOC boxes) per image."""
-    if not BCCD_ARCHIVE.exists():
-        pytest.fail(f"{BCCD_ARCHIVE} is missing: the project's shared data sits beside the repository")
-    data = load_bccd(limit=IMAGES, max_side=320)
+    data = load_bccd(data_file(BCCD_ARCHIVE_NAME), limit=IMAGES, max_side=320)
     out = []
     for name, image, target in zip(data.names, data.images, data.targets, strict=True):
         height, width = image.shape[1:]
@@ -60,7 +59,8 @@ def bccd_files() -> list[tuple[str, bytes, list[dict[str, Any]]]]:
 @pytest.fixture(scope="module")
 def stack(label_studio: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = Stack(label_studio, tmp_path_factory.mktemp("e2e-detection"))
-    s.env.update({"ISAL_WRITE_TOP_M": "0", "ISAL_DETECTION_STEPS": "30", "ISAL_DETECTION_IMAGE_SIZE": "256"})
+    s.env.update({"ISAL_WRITE_TOP_M": "0", "ISAL_DETECTION_STEPS": "30", "ISAL_DETECTION_FIRST_STEPS": "30",
+                  "ISAL_DETECTION_IMAGE_SIZE": "256"})
     s.start()
     try:
         yield s

@@ -9,6 +9,7 @@ from scipy.stats import pearsonr, spearmanr
 from torch import nn
 
 from isal_backend.influence import (
+    PAPER,
     PAPER_LISSA,
     AutogradInfluence,
     HeadInfluence,
@@ -116,7 +117,7 @@ def test_paper_lissa_ranks_like_the_exact_solver(problem: HeadInfluence) -> None
     """
     v = problem.reference_gradient()
     exact = lissa_fixed_point(problem, v, PAPER_LISSA)
-    paper, _ = solve_s_test(problem, "lissa", PAPER_LISSA, seed=0)
+    paper, _ = solve_s_test(problem, PAPER)
     rho = spearmanr(problem.score(exact).numpy(), problem.score(paper).numpy()).statistic
     assert rho >= 0.99
 
@@ -130,9 +131,9 @@ def test_top_k_at_or_above_classes_is_refused(problem: HeadInfluence) -> None:
 
 
 def test_results_are_reproducible_under_a_seed(problem: HeadInfluence) -> None:
-    a, _ = solve_s_test(problem, "lissa", PAPER_LISSA, seed=7)
-    b, _ = solve_s_test(problem, "lissa", PAPER_LISSA, seed=7)
-    c, _ = solve_s_test(problem, "lissa", PAPER_LISSA, seed=8)
+    a, _ = solve_s_test(problem, PAPER.with_seed(7))
+    b, _ = solve_s_test(problem, PAPER.with_seed(7))
+    c, _ = solve_s_test(problem, PAPER.with_seed(8))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 

@@ -13,10 +13,14 @@ import requests
 import torch
 from PIL import Image
 
-from isal_backend.jobs.round import Round
+from isal_backend.jobs.entry import live_datastore, run_round, task_parts
 from isal_backend.labelstudio.client import LabelStudioUnavailable
+from isal_backend.labelstudio.config import parse_project_config
+from isal_backend.labelstudio.images import decode_image
+from isal_backend.round import Round
 from isal_backend.settings import Settings
 from isal_backend.store import ModelStore
+from isal_backend.tasks import task_for
 
 pytestmark = pytest.mark.e2e
 
@@ -67,7 +71,7 @@ def test_bad_tasks_are_skipped_and_reported(label_studio: Any, tmp_path: Path) -
 
     settings = Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token,
                         model_dir=tmp_path, backbone="small-cnn", write_top_m=0)
-    report = Round(project, settings).run()
+    report = Round(project, live_datastore(settings, project), ModelStore(tmp_path), settings).run()
 
     reasons = {item["task"]: item["reason"] for item in report["skipped"]}
     assert "not in the label config" in reasons[off_config]
@@ -86,34 +90,43 @@ def test_label_studio_unreachable_fails_with_a_clear_message(tmp_path: Path) -> 
     settings = Settings(label_studio_url="http://127.0.0.1:9", label_studio_api_key=secret, model_dir=tmp_path,
                         backbone="small-cnn")
     with pytest.raises(LabelStudioUnavailable) as info:
-        Round(5, settings).run()
+        Round(5, live_datastore(settings, 5), ModelStore(tmp_path), settings).run()
     assert "127.0.0.1:9" in str(info.value) and secret not in str(info.value)
     assert ModelStore(tmp_path).current_id(5) is None
 
 
-def test_finetune_rounds_adapt_the_backbone_and_keep_using_it(label_studio: Any, tmp_path: Path) -> None:
+def test_finetune_rounds_adapt_the_backbone_and_keep_using_it(label_studio: Any, tmp_path: Path,
+                                                              monkeypatch: Any) -> None:
     images = [{"image": data_url((200, 30, 30) if i % 2 else (30, 30, 200), 1000 + i)} for i in range(14)]
     project, by_image = make_project(label_studio, "finetune", images)
     for i in range(8):
         annotate(label_studio, by_image[images[i]["image"]], "red" if i % 2 else "blue")
-    settings = Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token,
-                        model_dir=tmp_path, backbone="small-cnn", train_mode="finetune", finetune_epochs=3)
-    first = Round(project, settings).run()
-    assert first["train_mode"] == "finetune" and len(first["finetune_epoch_losses"]) == 3
-    assert first["finetune_epoch_losses"][-1] < first["finetune_epoch_losses"][0]
+    env = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
+           "MODEL_DIR": str(tmp_path), "ISAL_BACKBONE": "small-cnn", "ISAL_TRAIN_MODE": "finetune",
+           "ISAL_FINETUNE_EPOCHS": "3", "ISAL_FEATURE_DIM": "16"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    first = run_round(project)  # the queue's job, as a worker runs it
+    losses = first["finetune"]["epoch_losses"]
+    assert len(losses) == 3 and losses[-1] < losses[0]
     assert first["order"].startswith("isal:") and first["written"] == 6
 
-    later = Round(project, settings)  # what /predict and new-task scoring construct
-    assert later.featurizer.version == first["round_id"]
-    stock = Round(project, Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token,
-                                    model_dir=tmp_path, backbone="small-cnn"))
+    settings = Settings.from_env()
+    store = ModelStore(tmp_path)
+    datastore = live_datastore(settings, project)
+    task = task_for(parse_project_config(datastore.label_config()), task_parts(settings, store, project))
+    model = task.load(store.load(project))  # what /predict and new-task scoring use
+    tuned, stock = task.featurizer_for(model), task.featurizer_for(None)
+    assert tuned.version == model.backbone_version and stock.version == "stock"
     ref = images[10]["image"]
-    tuned_feats, _ = later.featurizer([ref], later.load_image)
-    stock_feats, _ = stock.featurizer([ref], stock.load_image)
-    assert not torch.allclose(tuned_feats[ref], stock_feats[ref])
+
+    def load(reference: str):
+        return decode_image(datastore.image(reference), reference)
+
+    assert not torch.allclose(tuned([ref], load)[0][ref], stock([ref], load)[0][ref])
 
     annotate(label_studio, by_image[images[8]["image"]], "blue")
-    second = later.run()  # warm-started from the first round's fine-tuned backbone
-    assert second["labeled"] == 9 and second["train_mode"] == "finetune"
+    second = run_round(project)  # warm-started from the first round's fine-tuned backbone
+    assert second["labeled"] == 9 and "finetune" in second
     versions = tmp_path / "projects" / str(project) / "features" / "small-cnn" / "finetuned"
-    assert [p.name for p in versions.iterdir()] == [second["round_id"]]  # the old version's cache is gone
+    assert [p.name for p in versions.iterdir()] == [store.load(project).meta["backbone_version"]]  # old one gone

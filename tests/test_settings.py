@@ -25,8 +25,9 @@ def test_defaults():
     assert s.model_dir == Path("./models") and s.write_top_m == 1000 and s.backbone == "efficientnet-lite0"
     assert (s.top_k, s.holdout_fraction, s.strategy, s.train_mode, s.device) == (None, 0.2, "isal", "head", "cpu")
     assert (s.log_level, s.rq_queue) == ("INFO", "isal")
-    assert s.round_job == "isal_backend.jobs.round.run_round"
-    assert s.score_job == "isal_backend.jobs.round.score_new_tasks"
+    assert s.round_job == "isal_backend.jobs.entry.run_round"
+    assert s.score_job == "isal_backend.jobs.entry.score_new_tasks"
+    assert (s.image_size, s.feature_dim, s.weight_decay, s.detection_first_steps) == (None, 128, 1e-2, 150)
 
 
 def test_every_variable_is_read():
@@ -99,11 +100,21 @@ def test_basic_auth_needs_both_or_neither(given):
 def test_known_lists_match_the_engine():
     from isal_backend.detection.detector import FINAL_CONVS
     from isal_backend.models.backbones import BACKBONES
-    from isal_backend.strategies import STRATEGIES
+    from isal_backend.strategies.catalog import make_strategy
 
     assert set(KNOWN_BACKBONES) == set(BACKBONES)
-    assert set(KNOWN_STRATEGIES) == set(STRATEGIES)
+    assert all(make_strategy(name).name == name for name in KNOWN_STRATEGIES)  # one list of names, all built
     assert tuple(FINAL_CONVS) == KNOWN_DETECTION_PARAMS
+
+
+def test_recipe_settings_are_read_and_checked():
+    s = Settings.from_env({"ISAL_IMAGE_SIZE": "64", "ISAL_FEATURE_DIM": "0", "ISAL_WEIGHT_DECAY": "0.001",
+                           "ISAL_DETECTION_FIRST_STEPS": "7"})
+    assert (s.image_size, s.feature_dim, s.weight_decay, s.detection_first_steps) == (64, 0, 1e-3, 7)
+    for name, bad in (("ISAL_IMAGE_SIZE", "8"), ("ISAL_FEATURE_DIM", "-1"), ("ISAL_WEIGHT_DECAY", "0"),
+                      ("ISAL_WEIGHT_DECAY", "lots")):
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env({name: bad})
 
 
 def test_project_credentials_env_first_then_setup_file(tmp_path):

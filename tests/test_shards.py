@@ -30,9 +30,9 @@ def settings(tmp_path: Path) -> Iterator[Settings]:
         r.delete(key)
 
 
-def _helper(settings: Settings, project_dir: str, round_id: str, out: str, ready: Any) -> None:
+def _helper(settings: Settings, project_dir: str, plan_id: str, out: str, ready: Any) -> None:
     """A second worker: takes whatever shards it can claim, writes down the references it featurized."""
-    plan = ShardPlan(settings, Path(project_dir), round_id, redis.Redis.from_url(REDIS_URL))
+    plan = ShardPlan(settings, Path(project_dir), plan_id, redis.Redis.from_url(REDIS_URL))
     ready.set()  # started and connected: a slow interpreter start must not decide the test
 
     def featurize(refs: list[str]) -> None:
@@ -60,7 +60,7 @@ def test_two_workers_share_a_round_and_compute_each_shard_once(settings: Setting
     helper.start()
     assert ready.wait(120), "the helper worker did not start"
     mine: list[str] = []
-    report = featurize_in_shards(settings, tmp_path, "r1", refs, lambda r: (time.sleep(0.2), mine.extend(r)), 1)
+    report = featurize_in_shards(settings, tmp_path, refs, lambda r: (time.sleep(0.2), mine.extend(r)), 1, "r1")
     helper.join(30)
     theirs = [line for line in out.read_text().splitlines() if line]
     assert report["count"] == 9 and len(report["computed_by"]) == 9
@@ -79,7 +79,7 @@ def test_a_dead_workers_shard_is_taken_over_when_its_lease_ends(settings: Settin
     plan.redis.set(f"{plan.key}:claim:0", "dead-worker", ex=1)
     done: list[str] = []
     start = time.monotonic()
-    report = featurize_in_shards(settings, tmp_path, "r2", refs, done.extend, 2)
+    report = featurize_in_shards(settings, tmp_path, refs, done.extend, 2, "r2")
     assert sorted(done) == sorted(refs)
     assert time.monotonic() - start >= 0.5  # it waited for the lease rather than computing twice
     assert "dead-worker" not in report["computed_by"]

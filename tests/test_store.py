@@ -19,11 +19,12 @@ from isal_backend.store import FeatureCache, ImageCache, ModelStore, TensorListC
 def test_commit_makes_a_round_current_and_loadable(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
     assert store.load(7) is None
-    store.commit(7, "isal-1", {"w": torch.ones(2, 3)}, {"labels": ["a", "b"], "validation_accuracy": 0.5})
-    store.commit(7, "isal-2", {"w": torch.zeros(2, 3)}, {"labels": ["a", "b"]})
+    store.commit(7, "isal-1", {"w": torch.ones(2, 3)}, {"kind": "classification"},
+                 {"labels": ["a", "b"], "validation_accuracy": 0.5})
+    store.commit(7, "isal-2", {"w": torch.zeros(2, 3)}, {"kind": "detection"}, {"labels": ["a", "b"]})
     state = store.load(7)
     assert state is not None and state.round_id == "isal-2"
-    assert torch.equal(state.tensors["w"], torch.zeros(2, 3))
+    assert torch.equal(state.tensors["w"], torch.zeros(2, 3)) and state.meta == {"kind": "detection"}
     assert store.load(7, "isal-1").report["validation_accuracy"] == 0.5
     assert store.rounds(7) == ["isal-1", "isal-2"]
 
@@ -35,9 +36,9 @@ class Unpicklable:
 
 def test_a_failed_write_leaves_the_previous_round_current(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
-    store.commit(1, "isal-1", {"w": torch.ones(1)}, {})
+    store.commit(1, "isal-1", {"w": torch.ones(1)}, {}, {})
     with pytest.raises(RuntimeError, match="disk full"):
-        store.commit(1, "isal-2", {"w": Unpicklable()}, {})  # type: ignore[dict-item]
+        store.commit(1, "isal-2", {"w": Unpicklable()}, {}, {})  # type: ignore[dict-item]
     assert store.current_id(1) == "isal-1"
     assert store.rounds(1) == ["isal-1"]
     assert not list((tmp_path / "projects" / "1" / "rounds").glob(".staging-*"))
@@ -46,12 +47,12 @@ def test_a_failed_write_leaves_the_previous_round_current(tmp_path: Path) -> Non
 def _commit_slowly(root: str) -> None:
     store = ModelStore(root)
     big = {"w": torch.zeros(30_000_000)}  # ~120 MB: the write takes a while
-    store.commit(3, "isal-2", big, {})
+    store.commit(3, "isal-2", big, {}, {})
 
 
 def test_a_killed_writer_leaves_the_previous_round_current(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
-    store.commit(3, "isal-1", {"w": torch.ones(1)}, {})
+    store.commit(3, "isal-1", {"w": torch.ones(1)}, {}, {})
     proc = mp.get_context("spawn").Process(target=_commit_slowly, args=(str(tmp_path),))
     proc.start()
     staging = tmp_path / "projects" / "3" / "rounds"
@@ -69,7 +70,7 @@ def test_a_killed_writer_leaves_the_previous_round_current(tmp_path: Path) -> No
 def test_prune_keeps_the_newest_and_the_current(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
     for i in range(8):
-        store.commit(2, f"isal-{i}", {"w": torch.ones(1)}, {})
+        store.commit(2, f"isal-{i}", {"w": torch.ones(1)}, {}, {})
     store.prune(2, keep=3)
     assert store.rounds(2) == ["isal-5", "isal-6", "isal-7"]
 

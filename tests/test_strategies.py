@@ -1,69 +1,93 @@
-"""Selection strategies: each orders the pool as its definition says."""
+"""Selection strategies: each orders the pool as its definition says, through a task kind's real view of it."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from isal_backend.strategies import (
-    STRATEGIES,
-    CoresetStrategy,
-    IsalStrategy,
-    MarginStrategy,
-    NotEnoughLabels,
-    PoolState,
-    get_strategy,
+from isal_backend.influence import TopKError
+from isal_backend.labelstudio.config import ClassificationConfig, DetectionConfig
+from isal_backend.settings import Settings
+from isal_backend.strategies import ALL_STRATEGIES, MEAN_CONFIDENCE, STRATEGIES
+from isal_backend.strategies.base import balanced_order
+from isal_backend.strategies.baselines import CoresetStrategy, MarginStrategy, k_center_greedy
+from isal_backend.strategies.catalog import make_strategy
+from isal_backend.strategies.isal import IsalOptions
+from isal_backend.tasks import TaskParts
+from isal_backend.tasks.base import NotEnoughLabels
+from isal_backend.tasks.classification import (
+    ClassificationInputs,
+    ClassificationTask,
     holdout_split,
-    k_center_greedy,
+    stratified_folds,
 )
-from isal_backend.strategies.isal import balanced_order, stratified_folds
+from isal_backend.tasks.detection import DetectionTask
+
+CONFIG = ClassificationConfig("image", "image", "label", ["a", "b", "c", "d"])
 
 
-def state(seed: int = 0, n_labeled: int = 120, n_pool: int = 400) -> PoolState:
+def task(tmp_path: Path, **settings: object) -> ClassificationTask:
+    s = Settings(model_dir=tmp_path, feature_dim=0, **settings)  # type: ignore[arg-type]
+    return ClassificationTask(CONFIG, TaskParts(s, 1, tmp_path / "projects" / "1"))
+
+
+def inputs(seed: int = 0, n_labeled: int = 120, n_pool: int = 400) -> ClassificationInputs:
     gen = torch.Generator().manual_seed(seed)
     centers = torch.randn(4, 8, generator=gen) * 3
     yl = torch.arange(n_labeled) % 4
     yp = torch.randint(0, 4, (n_pool,), generator=gen)
     xl = centers[yl] + torch.randn(n_labeled, 8, generator=gen)
     xp = centers[yp] + torch.randn(n_pool, 8, generator=gen)
-    return PoolState(xl, yl, xp, 4, seed=seed)
+    return ClassificationInputs(list(range(n_labeled)), list(range(1000, 1000 + n_pool)), [], [], xl, yl, xp)
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_every_strategy_returns_distinct_pool_indices(name: str) -> None:
-    picked = get_strategy(name).select(state(), 30)
-    assert picked.shape == (30,)
-    assert len(set(picked.tolist())) == 30
+def ordered(tmp_path: Path, name: str, seed: int, count: int) -> np.ndarray:
+    t = task(tmp_path)
+    data = inputs(seed)
+    model, _ = t.fit(data, None, seed)
+    strategy, _ = t.strategy(name)
+    if hasattr(strategy, "options"):
+        model, _ = t.influence(model, data, strategy.options, seed)
+    return strategy.order(t.view(model, data), count, seed)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_STRATEGIES))
+def test_every_strategy_returns_distinct_pool_positions(tmp_path: Path, name: str) -> None:
+    picked = ordered(tmp_path, name, 0, 30)
+    assert picked.shape == (30,) and len(set(picked.tolist())) == 30
     assert picked.min() >= 0 and picked.max() < 400
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_every_strategy_is_reproducible_under_a_seed(name: str) -> None:
-    assert np.array_equal(get_strategy(name).select(state(3), 20), get_strategy(name).select(state(3), 20))
+def test_every_strategy_is_reproducible_under_a_seed(tmp_path: Path, name: str) -> None:
+    assert np.array_equal(ordered(tmp_path, name, 3, 20), ordered(tmp_path, name, 3, 20))
 
 
-def test_unknown_strategy_and_oversized_budget_are_refused() -> None:
+def test_unknown_strategy_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown strategy 'nope'"):
-        get_strategy("nope")
-    with pytest.raises(ValueError, match="budget 401 is larger than the unlabeled pool"):
-        get_strategy("random").select(state(), 401)
+        make_strategy("nope")
 
 
-def test_margin_takes_the_smallest_top_two_gap_first() -> None:
-    st = state()
-    top2 = st.pool_probs().topk(2, dim=1).values
+def test_margin_takes_the_smallest_top_two_gap_first(tmp_path: Path) -> None:
+    t, data = task(tmp_path), inputs()
+    model, _ = t.fit(data, None, 0)
+    view = t.view(model, data)
+    top2 = view.probabilities().topk(2, dim=1).values
     gaps = (top2[:, 0] - top2[:, 1]).numpy()
-    picked = MarginStrategy().select(st, 10)
+    picked = MarginStrategy().order(view, 10, 0)
     assert np.allclose(np.sort(gaps)[:10], gaps[picked])
 
 
-def test_k_center_picks_the_farthest_point_each_time() -> None:
+def test_k_center_picks_the_farthest_point_each_time(tmp_path: Path) -> None:
     pool = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [0.0, 5.0]])
     centers = torch.tensor([[0.0, 0.0]])
     assert k_center_greedy(pool, centers, 3).tolist() == [2, 3, 1]
-    # no labels at all: still a full, distinct order (the cold-start order)
-    order = CoresetStrategy().rank(PoolState(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), pool, 2), 4)
+    # no labels at all: still a full, distinct order (the cold-start order), from the task's own view
+    empty = ClassificationInputs([], [1, 2, 3, 4], [], [], torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), pool)
+    order = CoresetStrategy().order(task(tmp_path).view(None, empty), 4, 0)
     assert sorted(order.tolist()) == [0, 1, 2, 3]
 
 
@@ -91,14 +115,35 @@ def test_balanced_order_alternates_predicted_classes_best_first() -> None:
     assert balanced_order(scores, predicted, 6, seed=0).tolist() == [0, 3, 5, 1, 4, 2]
 
 
-def test_isal_variants_score_with_the_documented_sign() -> None:
+def test_isal_scores_with_the_documented_sign_and_an_exact_s_test(tmp_path: Path) -> None:
     """The selected batch comes from the most negative scores (before balancing)."""
-    st = state()
-    strategy = IsalStrategy(reference="holdout", balance="none")
-    scores = strategy.scores(st)
-    picked = strategy.select(st, 10)
-    assert np.allclose(np.sort(scores.numpy())[:10], scores.numpy()[picked])
-    assert st.report["s_test_residual"] <= 1e-8
-    assert IsalStrategy(top_k=4).name == "isal"
-    with pytest.raises(ValueError, match="smaller than the number of classes"):
-        IsalStrategy(top_k=4).select(state(), 5)
+    t, data = task(tmp_path), inputs()
+    model, _ = t.fit(data, None, 0)
+    options = IsalOptions(reference="holdout", balance="none")
+    model, info = t.influence(model, data, options, 0)
+    view = t.view(model, data)
+    scores = view.influence().numpy()
+    picked = make_strategy("isal", options).order(view, 10, 0)
+    assert np.allclose(np.sort(scores)[:10], scores[picked])
+    assert info["s_test_residual"] <= 1e-8 and info["influence_units"] == 1
+    with pytest.raises(TopKError, match="smaller than the number of classes"):
+        t.influence(model, data, IsalOptions(top_k=4), 0)
+
+
+def test_crossfit_makes_one_unit_per_fold_and_validates_out_of_fold(tmp_path: Path) -> None:
+    t, data = task(tmp_path), inputs()
+    model, info = t.fit(data, None, 0)
+    assert len(model.fold_heads) == 5 and 0.5 < info["validation_accuracy"] <= 1.0
+    model, info = t.influence(model, data, t.isal_options(paper=False), 0)
+    assert info["influence_units"] == 5 and info["reference_size"] == 120  # every label is in R once
+
+
+def test_detection_turns_uncertainty_measures_into_mean_confidence(tmp_path: Path) -> None:
+    parts = TaskParts(Settings(model_dir=tmp_path), 1, tmp_path)
+    detection = DetectionTask(DetectionConfig("image", "image", "label", ["cell"]), parts)
+    for name in ("margin", "entropy", "least-confidence"):
+        strategy, note = detection.strategy(name)
+        assert strategy.name == MEAN_CONFIDENCE and name in (note or "")
+    isal, note = detection.strategy("isal")
+    assert note is None and isal.describe()["reference"] == "holdout"  # a warm-started detector is never cross-fitted
+    assert all(detection.strategy(name)[0] for name in STRATEGIES)

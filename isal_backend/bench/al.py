@@ -1,71 +1,74 @@
-"""``bench al``: the pool-based active-learning loop in the ISAL paper's shape, on cached features.
+"""``bench al``: pool-based active learning through the backend's own round, for every task kind.
 
-Per seed: a random start of 2% of the pool (shared by every strategy, so comparisons are paired),
-then ``cycles`` rounds of: fit the linear head on the labels (one recipe for every strategy:
-:func:`~isal_backend.influence.fit_linear_head`, L-BFGS to the unique optimum), measure test
-accuracy, let the strategy pick ``budget`` pool images, label them. The backbone is frozen and its
-features cached (:mod:`isal_backend.bench.datasets`), which is what lets 10 seeds of six strategies
-run on two CPU cores: retraining and re-scoring cost seconds, not GPU-hours.
+Per seed and strategy, a project is made on an :class:`~isal_backend.bench.offline.OfflineDatastore`
+holding the data set's pool, with the same random start for every strategy of a seed (comparisons are
+paired). Then ``cycles`` times: the backend's :class:`~isal_backend.round.Round` runs (fetch, features,
+fit, s_test, score, write back, commit), the round's stored model is evaluated on the test split as
+``/predict`` would use it, and a simulated annotator labels the ``budget`` tasks the labeling stream
+serves first (Label Studio's Uncertainty sampling rule). So the curves are the product's: the recipe
+(:mod:`isal_backend.recipe`) is the backend's for the same settings and is written into summary.json.
+
+Costs are counted in labels (annotations made); for detection also in boxes. The frozen backbone's
+features and a detector's body outputs are cached across seeds and strategies, which is what lets ten
+seeds of six strategies run on two CPU cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from isal_backend.bench import report
-from isal_backend.bench.datasets import BUILTIN, DataSpec, FeatureSet, check_dataset, load_features
-from isal_backend.influence import LinearHead, fit_linear_head
-from isal_backend.strategies import STRATEGIES, NotEnoughLabels, PoolState, RandomStrategy, Strategy, get_strategy
-from isal_backend.threads import single_torch_thread
+from isal_backend.bench.datasets import BenchSet, load_bench_set
+from isal_backend.bench.offline import OfflineDatastore
+from isal_backend.models.featurizer import Featurizer
+from isal_backend.recipe import recipe
+from isal_backend.round import Round
+from isal_backend.settings import Settings
+from isal_backend.store import ImageCache, ModelStore
+from isal_backend.strategies.catalog import check_name
+from isal_backend.tasks import TaskParts, task_for
+
+#: Test items get task ids from here on, far from the pool's 1..n.
+TEST_ID_BASE = 10_000_000
 
 
 @dataclass(frozen=True)
 class DatasetDefaults:
-    """Per data set: the frozen feature extractor and how much of the data a run uses."""
+    """How much of a data set a run uses (None: all of it)."""
 
-    backbone: str
-    image_size: int
     pool_size: int | None
     test_size: int | None
-    quick_pool_size: int
-    quick_test_size: int
+    quick_pool_size: int | None
+    quick_test_size: int | None
 
 
-#: Fashion-MNIST: EfficientNet-Lite0 (ImageNet) on the grey images upsampled to 64 px, the same kind
-#: of frozen pretrained features the product uses. Measured (PCA-128 head, 200/1200/2200 labels):
-#: 74.2/82.2/83.3% against 74.0/81.9/82.6% from raw pixels (``--backbone pixels``, free to compute);
-#: at 64 px extraction runs 100-200 img/s on 2 cores, so the 12k images cost 1-2 minutes, once.
-#: CIFAR-10: EfficientNet-Lite0 at 112 px (ImageNet features need upsampling from 32 px; 112 rather
-#: than 128 to keep the first, uncached extraction of 12k images near 3 minutes on 2 cores).
-#: A folder: EfficientNet-Lite0 at its native 128 px, the whole folder, 20% of each class as test.
 DEFAULTS: dict[str, DatasetDefaults] = {
-    "fashion-mnist": DatasetDefaults("efficientnet-lite0", 64, 10_000, 2_000, 1_500, 500),
-    "cifar10": DatasetDefaults("efficientnet-lite0", 112, 10_000, 2_000, 1_000, 400),
-    "folder": DatasetDefaults("efficientnet-lite0", 128, None, None, 1_000, 300),
+    "fashion-mnist": DatasetDefaults(10_000, 2_000, 1_500, 500),
+    "cifar10": DatasetDefaults(10_000, 2_000, 1_000, 400),
+    "folder": DatasetDefaults(None, None, 1_000, 300),
+    "detection": DatasetDefaults(None, None, 48, 16),
 }
-#: Input size per backbone when it is not the data set's default (``pixels``: a folder's images are resized to this).
-NATIVE_SIZE = {"efficientnet-lite0": 128, "small-cnn": 32, "resnet18-cifar": 32, "resnet18": 224, "pixels": 32}
-DEFAULT_SEEDS, QUICK_SEEDS = 10, 3
-DEFAULT_CYCLES, QUICK_CYCLES = 10, 4
-#: The paper's protocol: start with 2% of the pool, add 2% per cycle.
+DEFAULT_STRATEGIES = {"classification": "isal,isal-paper,random,entropy,margin,coreset",
+                      "detection": "isal,random,mean-confidence"}
+DEFAULT_SEEDS = {"classification": (10, 3), "detection": (3, 2)}  # (full, --quick)
+#: The paper's protocol for classification: start with 2% of the pool, add 2% per cycle, 10 cycles.
 START_FRACTION = BUDGET_FRACTION = 0.02
-#: The head's recipe. 1e-2 rather than PoolState's 1e-3: measured on the CIFAR-10 features it is
-#: 0.5-2.6 pp more accurate at 200-2200 labels and L-BFGS converges several times faster.
-WEIGHT_DECAY = 1e-2
-#: Features are projected onto their top principal components (fitted on the unlabeled pool, so no
-#: label is used) and scaled to unit mean variance. On the 1280-d EfficientNet features, 128
-#: components keep the head's accuracy (CIFAR-10: 58.1/71.4% at 200/2200 labels vs 59.1/71.4% on
-#: all 1280) and make each head fit, ISAL's cross-fitting included, 10-100x cheaper.
-PCA_DIM = 128
+CLASSIFICATION_CYCLES = (10, 4)
+#: Detection: 20 images to start, then 4 cycles of 20 (BCCD's pool is 292 images).
+DETECTION_PROTOCOL = ((20, 20, 4), (8, 8, 2))
+#: ``--quick`` detection trains fewer steps (a recipe change the summary's recipe shows).
+QUICK_DETECTION_STEPS = {"detection_steps": 10, "detection_first_steps": 25}
 
 
 @dataclass(frozen=True)
@@ -73,37 +76,23 @@ class Protocol:
     start: int
     budget: int
     cycles: int
-    weight_decay: float = WEIGHT_DECAY
 
     @property
     def final_labels(self) -> int:
         return self.start + self.budget * self.cycles
 
 
-def project_features(features: FeatureSet, dim: int = PCA_DIM) -> FeatureSet:
-    """PCA of the pool (unsupervised) to at most ``dim`` components, scaled to unit mean variance, in float64."""
-    pool, test = features.pool_features.double(), features.test_features.double()
-    dim = min(dim, pool.shape[1], max(1, pool.shape[0] - 1))
-    mean = pool.mean(dim=0)
-    centered = pool - mean
-    if pool.shape[0] < pool.shape[1]:  # few images, wide features: the thin SVD is the cheap way
-        _, sing, vh = torch.linalg.svd(centered, full_matrices=False)
-        eigval, eigvec = (sing**2 / max(1, pool.shape[0] - 1)).flip(0), vh.T.flip(1)
+def make_protocol(kind: str, pool_size: int, num_classes: int, cycles: int | None, budget: int | None,
+                  quick: bool) -> Protocol:
+    """The paper's 2% + 2% per cycle (classification; at least two labels per class to start), or 20 + 20."""
+    if kind == "detection":
+        start, default_budget, default_cycles = DETECTION_PROTOCOL[int(quick)]
     else:
-        eigval, eigvec = torch.linalg.eigh(centered.T @ centered / max(1, pool.shape[0] - 1))
-    basis, var = eigvec[:, -dim:].flip(1), eigval[-dim:].flip(0).clamp_min(0)
-    scale = var.mean().sqrt() if float(var.mean()) > 0 else torch.tensor(1.0, dtype=pool.dtype)
-    info = {**features.info, "pca_dim": dim, "pca_explained": round(float(var.sum() / eigval.clamp_min(0).sum()), 4)}
-    return FeatureSet(
-        (centered @ basis) / scale, features.pool_labels, ((test - mean) @ basis) / scale, features.test_labels,
-        features.class_names, info,
-    )
-
-
-def make_protocol(pool_size: int, num_classes: int, cycles: int, budget: int | None) -> Protocol:
-    """2% start (at least two labels per class, so ISAL's held-out reference can exist) and 2% per cycle."""
-    start = max(math.ceil(START_FRACTION * pool_size), 2 * num_classes)
-    budget = max(1, round(BUDGET_FRACTION * pool_size)) if budget is None else budget
+        start = max(math.ceil(START_FRACTION * pool_size), 2 * num_classes)
+        default_budget = max(1, round(BUDGET_FRACTION * pool_size))
+        default_cycles = CLASSIFICATION_CYCLES[int(quick)]
+    budget = default_budget if budget is None else budget
+    cycles = default_cycles if cycles is None else cycles
     if budget < 1:
         raise ValueError(f"--budget must be at least 1, got {budget}")
     if cycles < 1:
@@ -121,169 +110,161 @@ def make_protocol(pool_size: int, num_classes: int, cycles: int, budget: int | N
     return Protocol(start, budget, cycles)
 
 
-def accuracy_of(head: LinearHead, features: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((head.logits(features).argmax(dim=1) == labels).double().mean())
+def annotation(result: list[dict[str, Any]], annotation_id: int) -> dict[str, Any]:
+    return {"id": annotation_id, "result": result, "was_cancelled": False,
+            "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z"}
 
 
-def run_curve(
-    features: FeatureSet,
-    strategy: Strategy,
-    seed: int,
-    protocol: Protocol,
-    on_cycle: Callable[[], None] | None = None,
-    pool_features: torch.Tensor | None = None,
-    test_features: torch.Tensor | None = None,
-) -> tuple[list[tuple[int, float]], dict[str, float]]:
-    """One learning curve: ``[(labels, test accuracy)]`` for cycles 0..cycles, and timing figures.
+class Harness:
+    """One benchmark: the data set, the settings, and the parts every project of the run shares."""
 
-    The random start depends on ``seed`` only, so every strategy of a seed begins from the same labels.
-    """
-    pool = features.pool_features.double() if pool_features is None else pool_features
-    test = features.test_features.double() if test_features is None else test_features
-    y_pool, n = features.pool_labels, pool.shape[0]
-    labeled = np.random.default_rng(seed).choice(n, protocol.start, replace=False)
-    is_labeled = np.zeros(n, dtype=bool)
-    is_labeled[labeled] = True
-    curve: list[tuple[int, float]] = []
-    select_seconds, fallbacks = 0.0, 0
-    for cycle in range(protocol.cycles + 1):
-        x, y = pool[labeled], y_pool[labeled]
-        head = fit_linear_head(x, y, features.num_classes, protocol.weight_decay)
-        curve.append((int(labeled.size), accuracy_of(head, test, features.test_labels)))
-        if cycle == protocol.cycles:
-            break
-        unlabeled = np.flatnonzero(~is_labeled)
-        state = PoolState(
-            x, y, pool[unlabeled], features.num_classes, protocol.weight_decay, seed=seed * 1000 + cycle, head=head
-        )
-        start = time.perf_counter()
-        try:
-            picked = np.asarray(strategy.select(state, protocol.budget), dtype=np.int64)
-        except NotEnoughLabels:
-            # What the product does too: without a reference set ISAL cannot score, so fill at random.
-            picked, fallbacks = RandomStrategy().select(state, protocol.budget), fallbacks + 1
-        select_seconds += time.perf_counter() - start
-        if picked.size != protocol.budget or np.unique(picked).size != picked.size:
-            raise RuntimeError(f"{strategy.name} returned {picked.size} indices ({np.unique(picked).size} distinct), "
-                               f"expected {protocol.budget} distinct")
-        chosen = unlabeled[picked]
-        is_labeled[chosen] = True
-        labeled = np.concatenate([labeled, chosen])
-        if on_cycle is not None:
-            on_cycle()
-    return curve, {"select_seconds": select_seconds / protocol.cycles, "fallback_cycles": float(fallbacks)}
+    def __init__(self, bench: BenchSet, settings: Settings, work: Path) -> None:
+        self.bench = bench
+        self.settings = settings
+        self.work = work
+        self.featurizer = Featurizer(settings.backbone, bench.features_dir, settings.device,
+                                     image_size=settings.image_size)
+        self.body_cache: dict[bytes, list[torch.Tensor]] = {}  # a detector's frozen body: the same for every run
+        self.image_cache = ImageCache(work / "images")
+        self.test_tasks = [{"id": TEST_ID_BASE + i, "data": {"image": item.reference},
+                            "annotations": [annotation(item.result, TEST_ID_BASE + i)]}
+                           for i, item in enumerate(bench.test)]
+
+    def parts(self, settings: Settings, project_id: int, store: ModelStore) -> TaskParts:
+        return TaskParts(settings, project_id, store.project_dir(project_id), featurizer=self.featurizer,
+                         body_cache=self.body_cache, image_cache=self.image_cache)
+
+    def run(self, strategy: str, seed: int, protocol: Protocol) -> list[dict[str, Any]]:
+        """One learning curve: a row per round (labels, boxes, test metric, what the round did)."""
+        settings = replace(self.settings, strategy=strategy)
+        project_id = seed + 1  # every strategy of a seed shares the seed's folds, splits and draws
+        store = ModelStore(self.work / f"seed{seed}-{strategy}")
+        pool = self.bench.pool
+        datastore = OfflineDatastore(project_id, self.bench.label_config,
+                                     {i + 1: item.reference for i, item in enumerate(pool)}, self.bench.images,
+                                     seed=seed)
+        for i in np.random.default_rng(seed).choice(len(pool), protocol.start, replace=False):
+            datastore.annotate(int(i) + 1, pool[int(i)].result)
+        parts = self.parts(settings, project_id, store)
+        task = task_for(self.bench.config, parts)
+        write = 0 if settings.write_top_m == 0 else max(settings.write_top_m, protocol.budget)
+        rows: list[dict[str, Any]] = []
+        for cycle in range(protocol.cycles + 1):
+            round_report = Round(project_id, datastore, store, settings, parts, write_size=write,
+                                 clean_up=datastore.clean_up).run()
+            stored = store.load(project_id)
+            model = task.load(stored) if stored is not None else None
+            metric = float("nan")
+            if model is not None:
+                test = task.features(task.split(self.test_tasks), self.bench.images, model)
+                metric = next(iter(task.evaluate(model, test).values()))
+            labeled = datastore.annotated
+            timings = round_report["timings"]
+            rows.append({
+                "strategy": strategy, "seed": seed, "cycle": cycle, "labels": len(labeled),
+                "boxes": sum(pool[i - 1].label for i in labeled) if self.bench.kind == "detection" else "",
+                "metric": metric, "round_seconds": timings["total_seconds"],
+                "select_seconds": round(sum(timings.get(f"{k}_seconds", 0.0) for k in ("fit", "s_test", "score")), 4),
+                "order": str(round_report["order"]).split(":")[0].split(" ")[0],
+            })
+            if cycle == protocol.cycles:
+                break
+            for task_id in datastore.stream(protocol.budget):
+                datastore.annotate(task_id, pool[task_id - 1].result)
+        shutil.rmtree(store.root, ignore_errors=True)
+        return rows
 
 
-@single_torch_thread()
-def run_benchmark(
-    features: FeatureSet,
-    strategies: Mapping[str, Callable[[], Strategy]],
-    seeds: Sequence[int],
-    protocol: Protocol,
-    out: Path,
-    meta: dict[str, object],
-    progress: bool = True,
-) -> dict[str, object]:
-    """Every strategy on every seed; writes curves.csv and summary.json after each seed, the plot at the end.
-
-    The loop runs torch on ONE thread (see :mod:`isal_backend.threads`): its tensors are small.
-    """
+def run_benchmark(bench: BenchSet, strategies: Sequence[str], seeds: Sequence[int], protocol: Protocol,
+                  settings: Settings, out: Path, meta: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    """Every strategy on every seed; writes curves.csv and summary.json after each seed, the plot at the end."""
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
-    pool, test = features.pool_features.double(), features.test_features.double()
-    rows: list[dict[str, object]] = []
-    timings: dict[str, list[dict[str, float]]] = {name: [] for name in strategies}
-    bar = tqdm(
-        total=len(seeds) * len(strategies) * protocol.cycles, desc="bench al", unit="cycle",
-        disable=not progress, file=sys.stderr,
-    )
+    work = out / "rounds"
+    harness = Harness(bench, settings, work)
+    rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    summary: dict[str, object] = {}
-    with bar:
-        for seed in seeds:
-            for name, factory in strategies.items():
-                bar.set_postfix_str(f"seed {seed} {name}")
-                curve, timing = run_curve(features, factory(), seed, protocol, bar.update, pool, test)
-                timings[name].append(timing)
-                rows += [
-                    {"strategy": name, "seed": seed, "cycle": c, "labels": n, "accuracy": acc}
-                    for c, (n, acc) in enumerate(curve)
-                ]
-            wall = round(time.perf_counter() - started, 1)
-            meta = {**meta, "wall_seconds": wall, "seeds_done": seeds.index(seed) + 1}
-            report.write_curves(rows, out / "curves.csv")
-            summary = report.summarize(rows, meta, timings)
-            report.write_summary(summary, out / "summary.json")
-    report.plot_curves(rows, out / "curves.png", title=str(meta.get("title", "")))
+    summary: dict[str, Any] = {}
+    bar = tqdm(total=len(seeds) * len(strategies) * (protocol.cycles + 1), desc="bench al", unit="round",
+               disable=not progress, file=sys.stderr)
+    try:
+        with bar:
+            for n, seed in enumerate(seeds, start=1):
+                for strategy in strategies:
+                    bar.set_postfix_str(f"seed {seed} {strategy}")
+                    curve = harness.run(strategy, seed, protocol)
+                    rows += curve
+                    bar.update(len(curve))
+                meta = {**meta, "wall_seconds": round(time.perf_counter() - started, 1), "seeds_done": n}
+                report.write_curves(rows, out / "curves.csv")
+                summary = report.summarize(rows, meta)
+                report.write_summary(summary, out / "summary.json")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report.plot_curves(rows, out / "curves.png", metric=str(meta["metric"]), title=str(meta.get("title", "")))
     return summary
 
 
-DEFAULT_STRATEGIES = "isal,isal-paper,random,entropy,margin,coreset"
-
-
-def resolve_strategies(spec: str | None) -> dict[str, Callable[[], Strategy]]:
-    names = [s.strip() for s in (spec or DEFAULT_STRATEGIES).split(",") if s.strip()]
+def resolve_strategies(spec: str | None, kind: str) -> list[str]:
+    names = [s.strip() for s in (spec or DEFAULT_STRATEGIES[kind]).split(",") if s.strip()]
     if not names:
         raise ValueError("--strategies is empty")
     for name in names:
-        get_strategy(name)  # a clear error for an unknown name
-    return {name: STRATEGIES[name] for name in dict.fromkeys(names)}
+        check_name(name)  # "unknown strategy 'x': choose from ..."
+    return list(dict.fromkeys(names))
+
+
+def bench_settings(args: argparse.Namespace, kind: str) -> Settings:
+    """The backend's settings from the environment, with the command line's overrides (backbone, device)."""
+    settings = Settings.from_env()
+    overrides: dict[str, Any] = {"redis_url": None}
+    if getattr(args, "backbone", None):
+        overrides["backbone"] = args.backbone
+    if getattr(args, "device", None):
+        overrides["device"] = args.device
+    if kind == "detection" and args.quick:
+        overrides.update(QUICK_DETECTION_STEPS)
+    return replace(settings, **overrides)
 
 
 def main(args: argparse.Namespace) -> int:
-    strategies = resolve_strategies(args.strategies)
+    from isal_backend.bench.datasets import check_dataset, is_detection_dataset
+
     check_dataset(args.dataset)
-    kind = args.dataset if args.dataset in BUILTIN else "folder"
-    defaults = DEFAULTS[kind]
+    kind = "detection" if is_detection_dataset(args.dataset) else "classification"
+    defaults = DEFAULTS["detection" if kind == "detection" else args.dataset
+                        if args.dataset in DEFAULTS else "folder"]
     quick = bool(args.quick)
-    backbone = args.backbone or defaults.backbone
-    if backbone not in NATIVE_SIZE:
-        raise ValueError(f"unknown backbone {backbone!r}: choose one of {', '.join(NATIVE_SIZE)}")
-    image_size = defaults.image_size if backbone == defaults.backbone else NATIVE_SIZE[backbone]
+    strategies = resolve_strategies(args.strategies, kind)
     if args.pool_size is not None and args.pool_size < 2:
         raise ValueError(f"--pool-size must be at least 2, got {args.pool_size}")
-    pool_size = args.pool_size or (defaults.quick_pool_size if quick else defaults.pool_size)
-    test_size = defaults.quick_test_size if quick else defaults.test_size
-    seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if quick else DEFAULT_SEEDS)
-    if seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {seeds}")
-    cycles = args.cycles if args.cycles is not None else (QUICK_CYCLES if quick else DEFAULT_CYCLES)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available to torch")
-
-    spec = DataSpec(args.dataset, backbone, image_size, pool_size, test_size)
-    features = project_features(load_features(spec, args.data_root, device=args.device, progress=True))
-    protocol = make_protocol(features.pool_features.shape[0], features.num_classes, cycles, args.budget)
-    name = args.dataset if kind != "folder" else Path(args.dataset).name
-    meta: dict[str, object] = {
-        "title": f"{name}: {backbone} features, linear head",
-        "dataset": args.dataset,
-        "backbone": backbone,
-        "image_size": image_size,
-        "pool_size": int(features.pool_features.shape[0]),
-        "test_size": int(features.test_features.shape[0]),
-        "num_classes": features.num_classes,
-        "feature_dim": int(features.pool_features.shape[1]),  # after PCA
-        "start_labels": protocol.start,
-        "budget": protocol.budget,
-        "cycles": protocol.cycles,
-        "final_labels": protocol.final_labels,
-        "weight_decay": protocol.weight_decay,
-        "seeds": seeds,
-        "strategies": list(strategies),
-        "quick": quick,
-        "features": features.info,
-        "units": "accuracy and AUC in percent; differences in percentage points",
+    settings = bench_settings(args, kind)
+    pool_size = args.pool_size or (defaults.quick_pool_size if quick else defaults.pool_size)
+    test_size = defaults.quick_test_size if quick else defaults.test_size
+    seeds = args.seeds if args.seeds is not None else DEFAULT_SEEDS[kind][int(quick)]
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    bench = load_bench_set(args.dataset, pool_size, test_size, args.data_root)
+    protocol = make_protocol(kind, len(bench.pool), len(bench.classes), args.cycles, args.budget, quick)
+    metric = "map50" if kind == "detection" else "accuracy"
+    meta: dict[str, Any] = {
+        "title": f"{bench.name}: the backend's {kind} round, {settings.backbone} features" if kind == "classification"
+        else f"{bench.name}: the backend's detection round (FCOS)",
+        "dataset": args.dataset, "kind": kind, "metric": metric, "pool_size": len(bench.pool),
+        "test_size": len(bench.test), "num_classes": len(bench.classes), "classes": bench.classes,
+        "start_labels": protocol.start, "budget": protocol.budget, "cycles": protocol.cycles,
+        "final_labels": protocol.final_labels, "seeds": seeds, "strategies": strategies, "quick": quick,
+        "recipe": recipe(settings, kind), **bench.info,
+        "units": f"{metric} and AUC in percent; differences in percentage points",
     }
     out = Path(args.out)
-    print(
-        f"{name}: pool {meta['pool_size']}, test {meta['test_size']}, {backbone} ({meta['feature_dim']}-d), "
-        f"{protocol.start} + {protocol.cycles} x {protocol.budget} labels, {seeds} seeds, "
-        f"features {'cached' if features.info.get('cached') else 'computed'} ({features.info.get('cache')})",
-        file=sys.stderr,
-    )
-    summary = run_benchmark(features, strategies, list(range(seeds)), protocol, out, meta)
+    print(f"{bench.name}: pool {len(bench.pool)}, test {len(bench.test)}, {len(bench.classes)} classes, "
+          f"{protocol.start} + {protocol.cycles} x {protocol.budget} labels, {seeds} seeds, strategies "
+          f"{','.join(strategies)}", file=sys.stderr)
+    summary = run_benchmark(bench, strategies, list(range(seeds)), protocol, settings, out, meta)
     print(report.format_table(summary))
     print(f"wrote {out / 'curves.csv'}, {out / 'curves.png'}, {out / 'summary.json'}")
     return 0

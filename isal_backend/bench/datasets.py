@@ -1,12 +1,14 @@
-"""Benchmark data: Fashion-MNIST, CIFAR-10 and a user's folder of class sub-folders, as cached features.
+"""Benchmark data as a Label Studio project would hold it: tasks with image references, their bytes, the truth.
 
-The loop retrains only a linear head, so the frozen backbone runs ONCE per (data set, backbone,
-subset): its features are cached on disk (``$ISAL_CACHE_DIR`` or ``~/.cache/isal_backend/features``)
-under a hash of every setting that changes them, and every later run of any strategy or seed
-reads them back in milliseconds.
+Classification: Fashion-MNIST (the Debian package ``dataset-fashion-mnist``), CIFAR-10
+(``cifar10-jpg.tar.gz`` in the data root, read from the tar, never unpacked) and a user's folder of class
+sub-folders. Detection: BCCD (``bccd-voc.tar.gz``) or a Pascal VOC folder. Nothing is downloaded.
 
-Nothing is downloaded: Fashion-MNIST comes from the Debian package ``dataset-fashion-mnist``,
-CIFAR-10 from ``cifar10-jpg.tar.gz`` in the data root (read from the tar, never unpacked).
+Each image is served as the bytes of a file (the CIFAR-10 JPEGs, a folder's files, Fashion-MNIST's
+arrays encoded as PNG once), so the benchmark's round decodes images exactly as the product does. The
+truth of each item is the Label Studio ``result`` an annotator would submit. The frozen backbone's
+features are cached by the round's own feature cache, in a folder named by a hash of the data set's
+identity (``$ISAL_CACHE_DIR``), so a later run of any strategy or seed reads them back.
 """
 
 from __future__ import annotations
@@ -15,18 +17,25 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import tarfile
-import time
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
+from PIL import Image
 
-#: Bumped whenever the way features are computed changes, so old cache entries are not reused.
-CACHE_VERSION = 1
-BUILTIN = ("fashion-mnist", "cifar10")
+from isal_backend.bench.paths import cache_dir, resolve_data_root
+from isal_backend.bench.voc import BCCD_CLASSES, bccd_archive, load_voc
+from isal_backend.detection.boxes import boxes_to_regions
+from isal_backend.labelstudio.config import ClassificationConfig, DetectionConfig
+from isal_backend.labelstudio.convert import prediction_result
+
+#: Bumped whenever what a reference names changes, so old cached features are not reused.
+CACHE_VERSION = 2
+CLASSIFICATION_BUILTIN = ("fashion-mnist", "cifar10")
+DETECTION_BUILTIN = ("bccd",)
 FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"),)
 FASHION_MNIST_CLASSES = (
     "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
@@ -35,73 +44,98 @@ CIFAR10_ARCHIVE = "cifar10-jpg.tar.gz"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 #: Share of each class a folder data set keeps for testing.
 FOLDER_TEST_FRACTION = 0.2
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """Which images and which features: everything that goes into the cache key."""
-
-    dataset: str
-    backbone: str
-    image_size: int
-    pool_size: int | None  # None: the whole pool
-    test_size: int | None  # None: the whole test split
-    subset_seed: int = 0
+IMAGE_NAME, CONTROL_NAME = "image", "label"
 
 
 @dataclass
-class FeatureSet:
-    """Cached features of the pool and of the test set, with their labels."""
+class BenchItem:
+    """One image: its reference, its class (classification) and the ``result`` the annotator submits."""
 
-    pool_features: torch.Tensor
-    pool_labels: torch.Tensor
-    test_features: torch.Tensor
-    test_labels: torch.Tensor
-    class_names: list[str]
-    info: dict[str, object] = field(default_factory=dict)
+    reference: str
+    label: int  # class index (classification); number of boxes (detection)
+    result: list[dict[str, Any]]
+
+
+@dataclass
+class BenchSet:
+    """A benchmark data set: pool and test items, their bytes, and the label config of its project."""
+
+    name: str
+    kind: str  # "classification" | "detection"
+    classes: list[str]
+    pool: list[BenchItem]
+    test: list[BenchItem]
+    images: Callable[[str], bytes]
+    identity: str  # a hash of everything that makes the items what they are (the feature cache's folder)
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
+    def label_config(self) -> str:
+        return label_config(self.kind, self.classes)
+
+    @property
+    def config(self) -> ClassificationConfig | DetectionConfig:
+        if self.kind == "detection":
+            return DetectionConfig(IMAGE_NAME, IMAGE_NAME, CONTROL_NAME, list(self.classes))
+        return ClassificationConfig(IMAGE_NAME, IMAGE_NAME, CONTROL_NAME, list(self.classes))
+
+    @property
+    def features_dir(self) -> Path:
+        """Where the round's feature cache keeps this data set's features between runs."""
+        return cache_dir() / f"{self.name}-{self.identity}"
 
 
-@dataclass
-class RawImages:
-    """uint8 images, ``(N, H, W)`` grey or ``(N, H, W, 3)`` RGB, and integer labels."""
-
-    images: np.ndarray
-    labels: np.ndarray
-
-
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
-
-
-def resolve_data_root(data_root: str | os.PathLike[str] | None = None) -> Path:
-    """``--data-root``, else ``$ISAL_DATA_ROOT``, else ``<repo>/../shared/data`` (where CI keeps it)."""
-    if data_root:
-        return Path(data_root).expanduser()
-    if os.environ.get("ISAL_DATA_ROOT"):
-        return Path(os.environ["ISAL_DATA_ROOT"]).expanduser()
-    return repo_root().parent / "shared" / "data"
+def label_config(kind: str, classes: list[str]) -> str:
+    """The Label Studio config of a benchmark project: one <Image>, one <Choices> or <RectangleLabels>."""
+    if kind == "detection":
+        options = "".join(f'<Label value="{c}"/>' for c in classes)
+        control = f'<RectangleLabels name="{CONTROL_NAME}" toName="{IMAGE_NAME}">{options}</RectangleLabels>'
+    else:
+        options = "".join(f'<Choice value="{c}"/>' for c in classes)
+        control = f'<Choices name="{CONTROL_NAME}" toName="{IMAGE_NAME}">{options}</Choices>'
+    return f'<View><Image name="{IMAGE_NAME}" value="${IMAGE_NAME}"/>{control}</View>'
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("ISAL_CACHE_DIR") or Path.home() / ".cache" / "isal_backend" / "features")
+def is_detection_dataset(name: str) -> bool:
+    """BCCD, or a Pascal VOC folder (``JPEGImages/`` and ``Annotations/``)."""
+    path = Path(name).expanduser()
+    return name in DETECTION_BUILTIN or ((path / "JPEGImages").is_dir() and (path / "Annotations").is_dir())
 
 
 def check_dataset(dataset: str) -> None:
     """A clear error for a name that is neither a built-in data set nor an existing folder."""
-    if dataset in BUILTIN:
+    if dataset in CLASSIFICATION_BUILTIN or dataset in DETECTION_BUILTIN:
         return
     path = Path(dataset).expanduser()
     if not path.exists():
         raise ValueError(
-            f"unknown data set {dataset!r}: choose {', '.join(BUILTIN)} or bccd (detection), or give a folder with one "
-            "sub-folder of images per class"
+            f"unknown data set {dataset!r}: choose {', '.join(CLASSIFICATION_BUILTIN + DETECTION_BUILTIN)}, or give "
+            "a folder with one sub-folder of images per class (or a Pascal VOC folder for detection)"
         )
-    if not path.is_dir():
+    if not path.is_dir() and not tarfile.is_tarfile(path):
         raise ValueError(f"data set {dataset!r} is a file: give a folder with one sub-folder of images per class")
+
+
+def _identity(*parts: object) -> str:
+    blob = json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _subset(n: int, size: int | None, seed: int) -> np.ndarray:
+    if size is None or size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:size])
+
+
+def _choice_items(prefix: str, labels: np.ndarray, config: ClassificationConfig) -> list[BenchItem]:
+    return [BenchItem(f"{prefix}{i}", int(y), prediction_result(config, config.labels[int(y)]))
+            for i, y in zip(range(len(labels)), labels, strict=True)]
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST
@@ -134,12 +168,29 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, offset=4 + 4 * ndim).reshape(shape)
 
 
-def load_fashion_mnist(split: str, data_root: Path) -> RawImages:
+def load_fashion_mnist(data_root: Path, pool_size: int | None, test_size: int | None, seed: int) -> BenchSet:
     folder = fashion_mnist_dir(data_root)
-    prefix = "train" if split == "train" else "t10k"
-    images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
-    labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz")
-    return RawImages(np.ascontiguousarray(images), labels.astype(np.int64))
+    arrays: dict[str, np.ndarray] = {}
+    labels: dict[str, np.ndarray] = {}
+    for split, prefix, size, salt in (("pool", "train", pool_size, 0), ("test", "t10k", test_size, 1)):
+        images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
+        y = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+        keep = _subset(len(y), size, seed + salt)
+        arrays[split], labels[split] = np.ascontiguousarray(images[keep]), y[keep]
+    config = ClassificationConfig(IMAGE_NAME, IMAGE_NAME, CONTROL_NAME, list(FASHION_MNIST_CLASSES))
+    encoded: dict[str, bytes] = {}
+
+    def image(reference: str) -> bytes:
+        if reference not in encoded:
+            _, split, index = reference.rsplit("/", 2)
+            encoded[reference] = png_bytes(arrays[split][int(index)])
+        return encoded[reference]
+
+    source = sorted((p.name, p.stat().st_size) for p in folder.glob("*-ubyte.gz"))
+    return BenchSet("fashion-mnist", "classification", list(FASHION_MNIST_CLASSES),
+                    _choice_items("bench://fashion-mnist/pool/", labels["pool"], config),
+                    _choice_items("bench://fashion-mnist/test/", labels["test"], config), image,
+                    _identity("fashion-mnist", source, pool_size, test_size, seed))
 
 
 # --------------------------------------------------------------------------- CIFAR-10
@@ -167,41 +218,44 @@ def _tar_images(path: Path) -> dict[str, list[tuple[str, str]]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
-def load_cifar10(data_root: Path, sizes: dict[str, int | None], seed: int) -> tuple[dict[str, RawImages], list[str]]:
-    """Seeded random subsets of the train and test splits, decoded straight from the tar."""
-    from PIL import Image
-
+def load_cifar10(data_root: Path, pool_size: int | None, test_size: int | None, seed: int) -> BenchSet:
+    """Seeded subsets of the train (pool) and test splits; each item serves its JPEG straight from the tar."""
     path = cifar10_archive(data_root)
     listing = _tar_images(path)
     if "train" not in listing or "test" not in listing:
         raise ValueError(f"{path} must hold train/<class>/*.jpg and test/<class>/*.jpg")
     classes = sorted({c for _, c in listing["train"]})
+    config = ClassificationConfig(IMAGE_NAME, IMAGE_NAME, CONTROL_NAME, classes)
     wanted: dict[str, tuple[str, int]] = {}
-    for split, size in sizes.items():
-        members = listing[split]
-        order = np.random.default_rng(seed).permutation(len(members))[: size or len(members)]
-        for i in sorted(order):
-            name, cls = members[i]
+    for split, tar_split, size, salt in (("pool", "train", pool_size, 0), ("test", "test", test_size, 1)):
+        members = listing[tar_split]
+        for i in np.sort(np.random.default_rng(seed + salt).permutation(len(members))[: size or len(members)]):
+            name, cls = members[int(i)]
             wanted[name] = (split, classes.index(cls))
-    decoded: dict[str, tuple[list[np.ndarray], list[int]]] = {s: ([], []) for s in sizes}
+    blobs: dict[str, bytes] = {}
+    items: dict[str, list[BenchItem]] = {"pool": [], "test": []}
     with tarfile.open(path, "r:*") as tar:
         for member in tar:
             if member.name in wanted:
                 split, label = wanted[member.name]
                 handle = tar.extractfile(member)
                 assert handle is not None
-                image = Image.open(io.BytesIO(handle.read())).convert("RGB")
-                decoded[split][0].append(np.asarray(image))
-                decoded[split][1].append(label)
-    return {s: RawImages(np.stack(x), np.asarray(y, dtype=np.int64)) for s, (x, y) in decoded.items()}, classes
+                reference = f"bench://cifar10/{member.name}"
+                blobs[reference] = handle.read()
+                items[split].append(BenchItem(reference, label, prediction_result(config, classes[label])))
+    return BenchSet("cifar10", "classification", classes, items["pool"], items["test"], blobs.__getitem__,
+                    _identity("cifar10", path.stat().st_size, pool_size, test_size, seed))
 
 
 # --------------------------------------------------------------------------- a folder of class folders
 
 
 def folder_listing(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    """``[(image path, class index)]`` sorted, and the class names (the sub-folder names, sorted)."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """``[(image path, class index)]`` sorted, and the class names (the sub-folder names, sorted).
+
+    Folders whose name starts with ``_`` or ``.`` are not classes.
+    """
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
     files = [
         (f, i)
         for i, c in enumerate(classes)
@@ -231,114 +285,83 @@ def split_folder(
     return np.sort(np.asarray(pool)), np.sort(np.asarray(test))
 
 
-def load_image_files(paths: list[Path], size: int) -> np.ndarray:
-    """RGB uint8 ``(N, size, size, 3)``: images of any size are resized once, here, so they stack."""
-    from PIL import Image
-
-    out = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
-    for i, p in enumerate(paths):
-        with Image.open(p) as image:
-            out[i] = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
-    return out
-
-
-# --------------------------------------------------------------------------- features and their cache
-
-
-def _subset(n: int, size: int | None, seed: int) -> np.ndarray:
-    if size is None or size >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).permutation(n)[:size])
-
-
-def _source_identity(spec: DataSpec, data_root: Path) -> object:
-    """What identifies the raw data: file sizes for the built-ins, every file's size and mtime for a folder."""
-    if spec.dataset == "fashion-mnist":
-        folder = fashion_mnist_dir(data_root)
-        return sorted((p.name, p.stat().st_size) for p in folder.glob("*-ubyte.gz"))
-    if spec.dataset == "cifar10":
-        path = cifar10_archive(data_root)
-        return [path.name, path.stat().st_size]
-    root = Path(spec.dataset).expanduser().resolve()
-    files, _ = folder_listing(root)
-    return [str(root)] + [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f, _ in files]
-
-
-def cache_key(spec: DataSpec, data_root: Path) -> str:
-    settings = {"version": CACHE_VERSION, "spec": spec.__dict__, "source": _source_identity(spec, data_root)}
-    blob = json.dumps(settings, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:20]
-
-
-def raw_splits(spec: DataSpec, data_root: Path) -> tuple[RawImages, RawImages, list[str]]:
-    """The pool and test images of ``spec`` (subsets drawn with ``spec.subset_seed``)."""
-    if spec.dataset == "fashion-mnist":
-        train, test = load_fashion_mnist("train", data_root), load_fashion_mnist("test", data_root)
-        pi = _subset(len(train.labels), spec.pool_size, spec.subset_seed)
-        ti = _subset(len(test.labels), spec.test_size, spec.subset_seed + 1)
-        pool = RawImages(train.images[pi], train.labels[pi])
-        return pool, RawImages(test.images[ti], test.labels[ti]), list(FASHION_MNIST_CLASSES)
-    if spec.dataset == "cifar10":
-        splits, classes = load_cifar10(data_root, {"train": spec.pool_size, "test": spec.test_size}, spec.subset_seed)
-        return splits["train"], splits["test"], classes
-    files, classes = folder_listing(Path(spec.dataset).expanduser().resolve())
+def load_folder(root: Path, pool_size: int | None, test_size: int | None, seed: int) -> BenchSet:
+    files, classes = folder_listing(root)
+    config = ClassificationConfig(IMAGE_NAME, IMAGE_NAME, CONTROL_NAME, classes)
     labels = np.asarray([y for _, y in files], dtype=np.int64)
-    pool_idx, test_idx = split_folder(labels, spec.subset_seed)
-    pool_idx = pool_idx[_subset(pool_idx.size, spec.pool_size, spec.subset_seed)]
-    test_idx = test_idx[_subset(test_idx.size, spec.test_size, spec.subset_seed + 1)]
-    images = load_image_files([files[i][0] for i in np.concatenate([pool_idx, test_idx])], spec.image_size)
-    pool = RawImages(images[: pool_idx.size], labels[pool_idx])
-    return pool, RawImages(images[pool_idx.size :], labels[test_idx]), classes
+    pool_idx, test_idx = split_folder(labels, seed)
+    pool_idx = pool_idx[_subset(pool_idx.size, pool_size, seed)]
+    test_idx = test_idx[_subset(test_idx.size, test_size, seed + 1)]
+    by_reference = {f"bench://folder/{f.relative_to(root).as_posix()}": f for f, _ in files}
+
+    def items(index: np.ndarray) -> list[BenchItem]:
+        out = []
+        for i in index:
+            path, y = files[int(i)]
+            out.append(BenchItem(f"bench://folder/{path.relative_to(root).as_posix()}", y,
+                                 prediction_result(config, classes[y])))
+        return out
+
+    def image(reference: str) -> bytes:
+        return by_reference[reference].read_bytes()
+
+    source = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f, _ in files]
+    return BenchSet(root.name, "classification", classes, items(pool_idx), items(test_idx), image,
+                    _identity(str(root), source, pool_size, test_size, seed))
 
 
-def compute_features(images: np.ndarray, spec: DataSpec, device: str, progress: bool) -> torch.Tensor:
-    """Backbone features of uint8 images; ``pixels`` is the identity (flattened, scaled to [0, 1])."""
-    if spec.backbone == "pixels":
-        return torch.from_numpy(images.reshape(images.shape[0], -1).astype(np.float32) / 255.0)
-    from isal_backend.models.backbones import build_backbone, extract_features
-
-    torch.manual_seed(0)  # random-init backbones (small-cnn, resnet18-cifar) are then reproducible
-    backbone, preprocess = build_backbone(spec.backbone, image_size=spec.image_size)
-    x = torch.from_numpy(images)
-    if x.ndim == 3:
-        x = x.unsqueeze(-1)
-    return extract_features(backbone, preprocess, x, batch_size=128, device=device, progress=progress)
+# --------------------------------------------------------------------------- detection: Pascal VOC, BCCD
 
 
-def load_features(
-    spec: DataSpec, data_root: str | os.PathLike[str] | None = None, device: str = "cpu", progress: bool = True
-) -> FeatureSet:
-    """Features of ``spec``, from the cache when there, computed once and stored otherwise."""
-    check_dataset(spec.dataset)
+def load_detection(dataset: str, pool_size: int | None, test_size: int | None, seed: int,
+                   data_root: Path | None = None) -> BenchSet:
+    """``bccd`` or a VOC folder/archive; its trainval/test splits where present, else a seeded 80/20 split.
+
+    The annotator's boxes are the files' boxes, in percent of each image (what Label Studio stores).
+    """
+    path = bccd_archive(data_root) if dataset == "bccd" else Path(dataset).expanduser()
+    data = load_voc(path, BCCD_CLASSES if dataset == "bccd" else None, max_side=320)  # percent is scale-free
+    if "test" in data.splits and ("trainval" in data.splits or "train" in data.splits):
+        pool_idx = list(data.splits.get("trainval") or data.splits["train"])
+        test_idx = list(data.splits["test"])
+    else:
+        order = np.random.default_rng(0).permutation(len(data)).tolist()
+        cut = max(1, len(order) // 5)
+        pool_idx, test_idx = sorted(order[cut:]), sorted(order[:cut])
+    pool_idx = [pool_idx[int(i)] for i in _subset(len(pool_idx), pool_size, seed)]
+    test_idx = [test_idx[int(i)] for i in _subset(len(test_idx), test_size, seed + 1)]
+    classes = list(data.classes)
+    blobs = {f"bench://{dataset if dataset == 'bccd' else path.name}/{data.names[i]}.jpg": data.data[i]
+             for i in range(len(data))}
+    references = list(blobs)
+
+    def items(index: list[int]) -> list[BenchItem]:
+        out = []
+        for i in index:
+            target, image = data.targets[i], data.images[i]
+            regions = boxes_to_regions(target["boxes"].double(), target["labels"], classes, image.shape[2],
+                                       image.shape[1], from_name=CONTROL_NAME, to_name=IMAGE_NAME)
+            for region in regions:  # drop what only a prediction carries
+                region.pop("id", None)
+            out.append(BenchItem(references[i], len(target["labels"]), regions))
+        return out
+
+    return BenchSet(dataset if dataset == "bccd" else path.name, "detection", classes, items(pool_idx),
+                    items(test_idx), blobs.__getitem__,
+                    _identity(str(path), path.stat().st_size if path.is_file() else len(data), pool_size,
+                              test_size, seed),
+                    info={"data_issues": [i.message for i in data.issues]})
+
+
+def load_bench_set(dataset: str, pool_size: int | None, test_size: int | None, data_root: str | None = None,
+                   seed: int = 0) -> BenchSet:
+    """The named data set (see :func:`check_dataset`), pool and test subsampled with ``seed``."""
+    check_dataset(dataset)
     root = resolve_data_root(data_root)
-    if spec.dataset not in BUILTIN:
-        spec = replace(spec, dataset=str(Path(spec.dataset).expanduser().resolve()))
-    path = cache_dir() / f"{Path(spec.dataset).name}-{spec.backbone}-{cache_key(spec, root)}.pt"
-    if path.is_file():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        info = {"cache": str(path), "cached": True, "extract_seconds": blob["extract_seconds"]}
-        return FeatureSet(
-            blob["pool_features"], blob["pool_labels"], blob["test_features"], blob["test_labels"],
-            list(blob["class_names"]), info,
-        )
-    start = time.perf_counter()
-    pool, test, classes = raw_splits(spec, root)
-    both = np.concatenate([pool.images, test.images])
-    features = compute_features(both, spec, device, progress)
-    seconds = time.perf_counter() - start
-    blob = {
-        "pool_features": features[: len(pool.labels)].contiguous(),
-        "pool_labels": torch.from_numpy(pool.labels),
-        "test_features": features[len(pool.labels) :].contiguous(),
-        "test_labels": torch.from_numpy(test.labels),
-        "class_names": classes,
-        "extract_seconds": seconds,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(blob, tmp)
-    tmp.replace(path)
-    info = {"cache": str(path), "cached": False, "extract_seconds": seconds}
-    return FeatureSet(
-        blob["pool_features"], blob["pool_labels"], blob["test_features"], blob["test_labels"], classes, info
-    )
+    if is_detection_dataset(dataset) or (Path(dataset).is_file() and tarfile.is_tarfile(dataset)):
+        return load_detection(dataset, pool_size, test_size, seed, root)
+    if dataset == "fashion-mnist":
+        return load_fashion_mnist(root, pool_size, test_size, seed)
+    if dataset == "cifar10":
+        return load_cifar10(root, pool_size, test_size, seed)
+    return load_folder(Path(dataset).expanduser().resolve(), pool_size, test_size, seed)

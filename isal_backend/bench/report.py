@@ -1,11 +1,13 @@
-"""Figures of ``bench al``: curves.csv, curves.png and summary.json with paired statistics.
+"""Figures of ``bench al`` for every task kind: curves.csv, curves.png and summary.json with paired statistics.
 
 Active learning often fails to beat random selection at small budgets and few seeds, and curves of
 different seeds differ more than strategies do. So every comparison here is PAIRED: strategy and
 random share the seed and therefore the random start, and the per-seed differences (of the area
-under the curve and of the final accuracy) are tested with a paired t-test. Label saving at
-matched accuracy is reported with its noise floor: random's own seeds measured against random's
-mean curve.
+under the curve and of the final metric) are tested with a paired t-test. Label saving at matched
+metric is reported with its noise floor: random's own seeds measured against random's mean curve.
+
+A row is one round: ``labels`` (annotations made, the cost), ``boxes`` (detection: boxes in them, a
+second cost axis), ``metric`` (test accuracy, or mAP@0.5 for detection, as a fraction).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-FIELDS = ("strategy", "seed", "cycle", "labels", "accuracy")
-BASELINES = ("random", "margin")
+FIELDS = ("strategy", "seed", "cycle", "labels", "boxes", "metric", "round_seconds", "select_seconds", "order")
+#: The strategies every other is compared with, when the run has them.
+BASELINES = ("random", "margin", "mean-confidence")
 
 
 def write_curves(rows: Sequence[Mapping[str, object]], path: Path) -> None:
@@ -27,36 +31,53 @@ def write_curves(rows: Sequence[Mapping[str, object]], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (f"{row[k]:.6f}" if k == "accuracy" else row[k]) for k in FIELDS})
+            writer.writerow({k: (f"{row[k]:.6f}" if k == "metric" else row.get(k, "")) for k in FIELDS})
 
 
 def read_curves(path: Path) -> list[dict[str, object]]:
     with path.open() as f:
         return [
-            {"strategy": r["strategy"], "seed": int(r["seed"]), "cycle": int(r["cycle"]),
-             "labels": int(r["labels"]), "accuracy": float(r["accuracy"])}
+            {"strategy": r["strategy"], "seed": int(r["seed"]), "cycle": int(r["cycle"]), "labels": int(r["labels"]),
+             "boxes": int(r["boxes"]) if r.get("boxes") else "", "metric": float(r["metric"]),
+             "round_seconds": float(r.get("round_seconds") or 0), "select_seconds": float(r.get("select_seconds") or 0),
+             "order": r.get("order", "")}
             for r in csv.DictReader(f)
         ]
 
 
-def curves_by_strategy(rows: Sequence[Mapping[str, object]]) -> dict[str, tuple[np.ndarray, dict[int, np.ndarray]]]:
-    """``strategy -> (labels per cycle, {seed: accuracy in % per cycle})``."""
+def curves_by_strategy(
+    rows: Sequence[Mapping[str, object]], cost: str = "labels"
+) -> dict[str, tuple[np.ndarray, dict[int, np.ndarray]]]:
+    """``strategy -> (cost per cycle, {seed: metric in % per cycle})``; ``cost`` is labels or boxes.
+
+    With ``boxes`` the cost axis differs per seed; its mean over seeds is returned (each seed's own
+    axis is used for its area under the curve by :func:`curve_aucs`).
+    """
     out: dict[str, tuple[np.ndarray, dict[int, np.ndarray]]] = {}
-    grouped: dict[str, dict[int, list[tuple[int, int, float]]]] = {}
+    for name, seeds in _grouped(rows, cost).items():
+        costs = np.mean(np.stack([c for c, _ in seeds.values()]), axis=0)
+        out[name] = (costs, {seed: m for seed, (_, m) in seeds.items()})
+    return out
+
+
+def _grouped(rows: Sequence[Mapping[str, object]], cost: str) -> dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    grouped: dict[str, dict[int, list[tuple[int, float, float]]]] = {}
     for r in rows:
         grouped.setdefault(str(r["strategy"]), {}).setdefault(int(r["seed"]), []).append(
-            (int(r["cycle"]), int(r["labels"]), float(r["accuracy"]))
-        )
+            (int(r["cycle"]), float(r[cost]), float(r["metric"])))
+    out: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
     for name, seeds in grouped.items():
-        labels = None
-        accs: dict[int, np.ndarray] = {}
+        out[name] = {}
         for seed, points in seeds.items():
             points.sort()
-            labels = np.asarray([p[1] for p in points], dtype=np.float64)
-            accs[seed] = 100.0 * np.asarray([p[2] for p in points])
-        assert labels is not None
-        out[name] = (labels, accs)
+            out[name][seed] = (np.asarray([p[1] for p in points]), 100.0 * np.asarray([p[2] for p in points]))
     return out
+
+
+def curve_aucs(rows: Sequence[Mapping[str, object]], cost: str) -> dict[str, dict[int, float]]:
+    """``strategy -> {seed: area under that seed's curve over its own cost axis}``."""
+    return {name: {seed: area_under_curve(c, m) for seed, (c, m) in seeds.items()}
+            for name, seeds in _grouped(rows, cost).items()}
 
 
 def area_under_curve(labels: np.ndarray, accuracy: np.ndarray) -> float:
@@ -146,37 +167,48 @@ def saving_summary(
     }
 
 
-def summarize(
-    rows: Sequence[Mapping[str, object]],
-    meta: Mapping[str, object],
-    timings: Mapping[str, Sequence[Mapping[str, float]]] | None = None,
-) -> dict[str, object]:
-    """summary.json: per strategy AUC, final accuracy, paired differences to random (and margin), label saving."""
+def summarize(rows: Sequence[Mapping[str, object]], meta: Mapping[str, object]) -> dict[str, object]:
+    """summary.json: per strategy AUC, final metric, paired differences to the baselines, label saving.
+
+    ``recipe`` (the backend's recipe these curves describe, see :mod:`isal_backend.recipe`) is moved from
+    ``meta`` to the top level.
+    """
+    meta = dict(meta)
+    recipe = meta.pop("recipe", None)
     curves = curves_by_strategy(rows)
-    aucs = {name: {s: area_under_curve(labels, a) for s, a in accs.items()} for name, (labels, accs) in curves.items()}
+    aucs = curve_aucs(rows, "labels")
+    box_aucs = curve_aucs(rows, "boxes") if all(r.get("boxes") not in ("", None) for r in rows) else None
     finals = {name: {s: float(a[-1]) for s, a in accs.items()} for name, (_, accs) in curves.items()}
     out: dict[str, object] = {}
     for name, (labels, accs) in curves.items():
         entry: dict[str, object] = {
             "labels": [int(n) for n in labels],
-            "mean_accuracy": [_num(x) for x in np.mean(np.stack(list(accs.values())), axis=0)],
+            "mean_metric": [_num(x) for x in np.mean(np.stack(list(accs.values())), axis=0)],
             "auc": mean_std(list(aucs[name].values())),
-            "final_accuracy": mean_std(list(finals[name].values())),
+            "final": mean_std(list(finals[name].values())),
         }
+        if box_aucs is not None:
+            entry["mean_boxes"] = [round(float(x), 1) for x in curves_by_strategy(rows, "boxes")[name][0]]
+            entry["auc_vs_boxes"] = mean_std(list(box_aucs[name].values()))
         for base in BASELINES:
             if base in curves and base != name and np.array_equal(curves[base][0], labels):
-                entry[f"vs_{base}"] = {
-                    "auc": paired(aucs[name], aucs[base]),
-                    "final_accuracy": paired(finals[name], finals[base]),
-                }
+                versus: dict[str, object] = {"auc": paired(aucs[name], aucs[base]),
+                                             "final": paired(finals[name], finals[base])}
+                if box_aucs is not None:
+                    versus["auc_vs_boxes"] = paired(box_aucs[name], box_aucs[base])
+                entry[f"vs_{base}"] = versus
         if "random" in curves and np.array_equal(curves["random"][0], labels):
             key = "label_saving_vs_random" if name != "random" else "label_saving_noise_floor"
             entry[key] = saving_summary(labels, accs, *curves["random"])
-        if timings and timings.get(name):
-            entry["select_seconds_per_cycle"] = _num(float(np.mean([t["select_seconds"] for t in timings[name]])))
-            entry["fallback_cycles"] = int(sum(t["fallback_cycles"] for t in timings[name]))
+        mine = [r for r in rows if r["strategy"] == name]
+        entry["round_seconds"] = _num(float(np.mean([float(r["round_seconds"]) for r in mine])))
+        entry["select_seconds"] = _num(float(np.mean([float(r["select_seconds"]) for r in mine])))
+        entry["cold_start_rounds"] = sum(1 for r in mine if r.get("order") == "cold-start")
         out[name] = entry
-    return {"meta": dict(meta), "strategies": out}
+    summary: dict[str, object] = {"meta": meta, "strategies": out}
+    if recipe is not None:
+        summary = {"recipe": recipe, **summary}
+    return summary
 
 
 def write_summary(summary: Mapping[str, object], path: Path) -> None:
@@ -193,28 +225,40 @@ def _fmt(stats: Mapping[str, object] | None, key: str = "mean", spread: str = "s
 
 
 def format_table(summary: Mapping[str, object]) -> str:
-    """A plain-text table of the headline figures, one strategy per line."""
+    """A plain-text table of the headline figures, one strategy per line.
+
+    The second comparison column is margin sampling (classification) or mean-confidence (detection),
+    whichever the run has; for detection a last column gives the AUC over boxes against random.
+    """
+    strategies: Mapping[str, Any] = summary["strategies"]  # type: ignore[assignment]
+    second = next((b for b in BASELINES[1:] if b in strategies), "margin")
+    boxes = any("auc_vs_boxes" in e for e in strategies.values())
     head = (
         f"{'strategy':<18}{'AUC %':>14}{'final %':>14}{'dAUC vs rnd':>14}{'p':>9}"
-        f"{'dAUC vs mrg':>14}{'p':>9}{'saving %':>10}{'@final %':>10}"
+        f"{'dAUC vs ' + second[:4]:>14}{'p':>9}{'saving %':>10}{'@final %':>10}{'round s':>9}"
+        + (f"{'dAUC box vs rnd':>17}{'p':>9}" if boxes else "")
     )
     lines = [head]
-    for name, e in summary["strategies"].items():  # type: ignore[union-attr]
-        auc, fin = e["auc"], e["final_accuracy"]
+    for name, e in strategies.items():
+        auc, fin = e["auc"], e["final"]
         vr = e.get("vs_random", {}).get("auc")
-        vm = e.get("vs_margin", {}).get("auc")
+        vm = e.get(f"vs_{second}", {}).get("auc")
         sav = e.get("label_saving_vs_random") or e.get("label_saving_noise_floor") or {}
-        lines.append(
+        line = (
             f"{name:<18}{auc['mean']:>8.2f}±{auc['std'] or 0:<5.2f}{fin['mean']:>8.2f}±{fin['std'] or 0:<5.2f}"
             f"{_fmt(vr):>14}{(vr or {}).get('p') if vr else '-'!s:>9}{_fmt(vm):>14}"
             f"{(vm or {}).get('p') if vm else '-'!s:>9}{sav.get('mean_pct', '-')!s:>10}"
-            f"{sav.get('at_random_final_accuracy_pct', '-')!s:>10}"
+            f"{sav.get('at_random_final_accuracy_pct', '-')!s:>10}{e.get('round_seconds') or 0:>9.2f}"
         )
+        if boxes:
+            vb = e.get("vs_random", {}).get("auc_vs_boxes")
+            line += f"{_fmt(vb):>17}{(vb or {}).get('p') if vb else '-'!s:>9}"
+        lines.append(line)
     return "\n".join(lines)
 
 
-def plot_curves(rows: Sequence[Mapping[str, object]], path: Path, title: str = "") -> None:
-    """Left: mean accuracy with a ±1 std band per strategy. Right: paired difference to random per cycle."""
+def plot_curves(rows: Sequence[Mapping[str, object]], path: Path, metric: str = "accuracy", title: str = "") -> None:
+    """Left: mean metric with a ±1 std band per strategy. Right: paired difference to random per cycle."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,8 +279,9 @@ def plot_curves(rows: Sequence[Mapping[str, object]], path: Path, title: str = "
             right.plot(labels, dm, marker="o", ms=3, color=line.get_color(), label=name)
             right.fill_between(labels, dm - ds, dm + ds, color=line.get_color(), alpha=0.15)
     right.axhline(0.0, color="black", lw=0.8)
-    left.set(xlabel="labels", ylabel="test accuracy (%)", title="mean ± std over seeds")
-    right.set(xlabel="labels", ylabel="accuracy − random (pp)", title="paired difference to random (mean ± std)")
+    label = {"accuracy": "test accuracy (%)", "map50": "test mAP@0.5 (%)"}.get(metric, metric)
+    left.set(xlabel="labels", ylabel=label, title="mean ± std over seeds")
+    right.set(xlabel="labels", ylabel=f"{metric} − random (pp)", title="paired difference to random (mean ± std)")
     left.legend(fontsize=8)
     right.legend(fontsize=8)
     left.grid(alpha=0.3)

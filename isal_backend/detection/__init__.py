@@ -3,8 +3,10 @@
 * :mod:`.detector`: the detector, its staged forward, warm-start training;
 * :mod:`.influence`: :class:`DetectionInfluence` (an :class:`~isal_backend.influence.InfluenceProblem`);
 * :mod:`.boxes`: Label Studio percent <-> pixel boxes and validation with named messages;
-* :mod:`.voc`: Pascal VOC folders/archives (BCCD); :mod:`.metrics`: mAP@0.5;
-* :mod:`.bench_al`, :mod:`.bench_speed`: the benchmarks the CLI runs.
+* :mod:`.metrics`: mAP@0.5; :mod:`.selection`: the stable reference set, mean confidence, rarest-class groups.
+
+The detection task kind that the round runs is :mod:`isal_backend.tasks.detection`; the benchmarks live in
+:mod:`isal_backend.bench`.
 """
 
 from isal_backend.detection.boxes import (
@@ -28,16 +30,13 @@ from isal_backend.detection.influence import (
     DEFAULT_SCORE_THRESHOLD,
     DetectionInfluence,
     DetectionScores,
-    solve_detection_s_test,
 )
 from isal_backend.detection.metrics import mean_average_precision
-from isal_backend.detection.voc import DetectionDataset, load_bccd, load_voc
 
 __all__ = [
     "DEFAULT_SCORE_THRESHOLD",
     "FINAL_CONVS",
     "BoxIssue",
-    "DetectionDataset",
     "DetectionInfluence",
     "DetectionScores",
     "DetectorConfig",
@@ -46,13 +45,10 @@ __all__ = [
     "TrainReport",
     "boxes_to_regions",
     "build_detector",
-    "load_bccd",
-    "load_voc",
     "mean_average_precision",
     "percent_to_pixels",
     "pixels_to_percent",
     "regions_to_boxes",
-    "solve_detection_s_test",
     "train_detector",
     "validate_boxes",
 ]

@@ -64,14 +64,16 @@ the assembly: the reported residual is the TRUE ``|v - (G + lambda I) s| / |v|``
 of the best iterate. Measured on the round-sized problem above: 1 iteration, relative residual
 3.4e-7 (float32 products), where plain CG on G reached 0.10 and diagonal-preconditioned CG 0.04 after
 30 (G's largest eigenvalue 132, its mean 0.07); building the blocks took about 24 s on 2 busy cores,
-against 192 s for the 30 Hessian products of the old solve. The LiSSA "paper" path keeps the
-exact Hessian, as the authors ran it (its preset brings its own damping of 100, see
-:mod:`isal_backend.influence.solvers`); ``curvature="hessian"`` gives the old CG for comparison.
+against 192 s for the 30 Hessian products of the old solve.
+
+Solving is not done here: :func:`isal_backend.influence.solvers.solve_s_test` with
+``SolverConfig(curvature="ggn")`` runs the shared CG on :meth:`DetectionInfluence.ggn_vp`, preconditioned by
+:meth:`DetectionInfluence.preconditioner`; the LiSSA "paper" preset keeps the exact Hessian, as the
+authors ran it (its own damping of 100); ``curvature="hessian"`` gives plain CG on H for comparison.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -83,18 +85,8 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from isal_backend.detection.detector import FINAL_CONVS, LiteFCOS
 from isal_backend.influence.base import InfluenceProblem
-from isal_backend.influence.solvers import (
-    CHOLESKY_MAX_DIM,
-    PAPER_LISSA,
-    LissaConfig,
-    SolveReport,
-    cholesky_solve,
-    conjugate_gradient,
-    lissa,
-)
 
 WEIGHTINGS = ("score", "none")
-CURVATURES = ("ggn", "hessian")
 EMPTY_POLICIES = ("background", "zero")
 DEFAULT_SCORE_THRESHOLD = 0.5
 
@@ -367,6 +359,15 @@ class DetectionInfluence(InfluenceProblem):
             total += self._flatten(hv)
         return total / max(count, 1) + self.weight_decay * vector.to(self.dtype)
 
+    def preconditioner(self, curvature: str = "hessian") -> Callable[[Tensor], Tensor] | None:
+        """The exact per-conv block solve of ``G + weight_decay I`` (see the module docstring); none for H."""
+        return self.ggn_block_solve() if curvature == "ggn" else None
+
+    def dense_curvature(self, curvature: str = "hessian") -> Tensor:
+        if curvature == "ggn":
+            return self.dense_ggn()
+        return self.dense_hessian()
+
     def dense_hessian(self) -> Tensor:
         """``H + weight_decay I`` by ``torch.func.hessian`` per chunk (vectorised; for small ``dim`` only)."""
         flat0 = self._flatten(self.params)
@@ -581,89 +582,3 @@ class DetectionInfluence(InfluenceProblem):
             loss = self.losses_from_outputs(leaves, chunk)
             grads = torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True, materialize_grads=True)
         return sum((g * d_out[k]).flatten(1).sum(dim=1) for g, k in zip(grads, leaves, strict=True))
-
-
-def preconditioned_cg(
-    matvec: Callable[[Tensor], Tensor],
-    v: Tensor,
-    precondition: Callable[[Tensor], Tensor] | None = None,
-    tol: float = 1e-6,
-    max_iter: int = 200,
-) -> tuple[Tensor, SolveReport]:
-    """CG for a symmetric POSITIVE DEFINITE ``A x = v``, preconditioned by ``precondition`` (``~A^-1``) when given.
-
-    Returns the iterate with the smallest residual seen (CG's residual is not monotone) and reports
-    its TRUE relative residual ``|v - A x| / |v|``, recomputed with one more product. Stops early at
-    ``tol``, or if a search direction has non-positive curvature (the matrix is not definite: then the
-    report says so through ``extra["indefinite"] = 1`` and a large residual).
-    """
-    start = time.perf_counter()
-    v_norm = torch.linalg.vector_norm(v).item() or 1.0
-    precond = precondition or (lambda r: r)
-    x = torch.zeros_like(v)
-    r = v.clone()
-    z = precond(r)
-    p = z.clone()
-    rz = torch.dot(r, z)
-    best, best_residual, best_iteration, indefinite = x, 1.0, 0, 0.0
-    iterations = 0
-    for iterations in range(1, max_iter + 1):  # noqa: B007 - reported below
-        ap = matvec(p)
-        curvature = torch.dot(p, ap)
-        if curvature <= 0:
-            indefinite = 1.0
-            break
-        alpha = rz / curvature
-        x = x + alpha * p
-        r = r - alpha * ap
-        residual = torch.linalg.vector_norm(r).item() / v_norm
-        if residual < best_residual:
-            best, best_residual, best_iteration = x, residual, iterations
-        if residual <= tol:
-            break
-        z = precond(r)
-        rz_new = torch.dot(r, z)
-        p = z + (rz_new / rz) * p
-        rz = rz_new
-    true_residual = torch.linalg.vector_norm(v - matvec(best)).item() / v_norm
-    return best, SolveReport("pcg" if precondition is not None else "cg", time.perf_counter() - start, iterations,
-                             true_residual, extra={"best_iteration": float(best_iteration), "indefinite": indefinite})
-
-
-def solve_detection_s_test(
-    problem: DetectionInfluence,
-    solver: str = "cg",
-    lissa_config: LissaConfig = PAPER_LISSA,
-    tol: float = 1e-6,
-    max_iter: int = 200,
-    seed: int = 0,
-    curvature: str = "ggn",
-) -> tuple[Tensor, SolveReport]:
-    """``s_test`` over the detector's final convs: ``cg`` (exact, capped), ``cholesky``, ``auto`` or ``lissa``.
-
-    ``curvature="ggn"`` (default) solves ``(G + weight_decay I) s = grad L(R)`` with the PSD Gauss-Newton
-    matrix G: Jacobi-preconditioned CG, at most ``max_iter`` products (each touches every cached
-    training image), best iterate returned with its true ``relative_residual``; or Cholesky of the
-    dense G. ``curvature="hessian"`` is the exact, indefinite Hessian with plain CG: kept for
-    comparison, it does not converge on a real detector (see the module docstring). ``lissa`` is the
-    authors' recursion on the exact Hessian whatever ``curvature`` says.
-    """
-    if curvature not in CURVATURES:
-        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
-    v = problem.reference_gradient()
-    if solver == "lissa":
-        return lissa(problem, v, lissa_config, seed=seed)
-    if solver not in ("cg", "cholesky", "auto"):
-        raise ValueError(f"unknown s_test solver {solver!r}: choose one of cg, cholesky, auto, lissa")
-    exact = solver == "cholesky" or (solver == "auto" and problem.dim <= CHOLESKY_MAX_DIM)
-    if curvature == "hessian":
-        return cholesky_solve(problem, v) if exact else conjugate_gradient(problem, v, tol=tol, max_iter=max_iter)
-    if exact:
-        start = time.perf_counter()
-        matrix = problem.dense_ggn()
-        x = torch.cholesky_solve(v.unsqueeze(1), torch.linalg.cholesky(matrix)).squeeze(1)
-        residual = (torch.linalg.vector_norm(matrix @ x - v) / torch.linalg.vector_norm(v)).item()
-        return x, SolveReport("cholesky-ggn", time.perf_counter() - start, 1, residual)
-    x, report = preconditioned_cg(problem.ggn_vp, v, problem.ggn_block_solve(), tol=tol, max_iter=max_iter)
-    report.method = "pcg-ggn"
-    return x, report

@@ -1,15 +1,14 @@
-"""Which pool images a detection project labels next: the pieces the round and the benchmark share.
+"""Which pool images a detection project labels next: the detector-specific pieces of the strategies.
 
 * :func:`stable_reference`: the held-out reference set R. Detectors warm-start from the previous
   round, so R must be a set no earlier round trained on. A fresh random split each round (what a
   classification head, retrained from scratch, can afford) would move trained-on images into R. Here
   each image's membership follows from a hash of its key alone, so an image in R stays in R as the
   labeled set grows.
-* :func:`mean_confidence`, :func:`order_by_mean_confidence`: the uncertainty baseline for detectors
-  (lowest mean post-NMS score first; an image without detections counts as confidence 0).
-* :func:`rarest_class_groups`: the key for class-balanced batches (each image's rarest predicted
+* :func:`mean_confidence`: a detector's confidence in an image, for uncertainty sampling (an image
+  without detections counts as confidence 0).
+* :func:`rarest_class_groups`: the groups of class-balanced batches (each image's rarest predicted
   class), the detection analogue of classification's round-robin over predicted classes.
-* :func:`detection_strategy`: the ``ISAL_STRATEGY`` names mapped onto what a detector can do.
 """
 
 from __future__ import annotations
@@ -21,23 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-#: What a detection project can be ordered by.
-DETECTION_STRATEGIES = ("isal", "isal-paper", "random", "mean-confidence", "coreset")
-#: Classification uncertainty strategies have one detection form here: mean box confidence.
-_UNCERTAINTY = ("least-confidence", "margin", "entropy")
 #: Fewest images a detector trains on when R is held out.
 MIN_TRAIN = 2
-
-
-def detection_strategy(name: str) -> tuple[str, str | None]:
-    """The detection strategy for an ``ISAL_STRATEGY`` value, and a note when it is not the same name."""
-    if name in DETECTION_STRATEGIES:
-        return name, None
-    if name in _UNCERTAINTY:
-        return "mean-confidence", (f"strategy {name!r} is a classification uncertainty measure; detection "
-                                   "projects use its detector form, mean-confidence (lowest mean box score first)")
-    raise ValueError(f"unknown detection strategy {name!r}: choose from {', '.join(DETECTION_STRATEGIES)} "
-                     f"(or {', '.join(_UNCERTAINTY)}, which map to mean-confidence)")
 
 
 def _unit(key: object, salt: object) -> float:
@@ -70,11 +54,6 @@ def stable_reference(keys: Sequence[object], fraction: float, salt: object = 0) 
 def mean_confidence(detections: Sequence[Mapping[str, Tensor]]) -> np.ndarray:
     """Mean post-NMS score per image; 0 for an image without detections (the least confident)."""
     return np.array([float(d["scores"].mean()) if len(d["scores"]) else 0.0 for d in detections])
-
-
-def order_by_mean_confidence(detections: Sequence[Mapping[str, Tensor]]) -> np.ndarray:
-    """Pool positions, least confident first (ties keep pool order)."""
-    return np.argsort(mean_confidence(detections), kind="stable")
 
 
 def rarest_class_groups(

@@ -7,10 +7,13 @@ answers the three questions ISAL asks of it:
   labeled reference set R;
 * ``hvp(v, batch)``: ``(H + weight_decay I) v`` with H the Hessian of the training loss, on the
   whole training set or on a mini-batch of it (LiSSA uses batches of one);
+* optionally ``ggn_vp(v)``: the same with the generalised Gauss-Newton matrix G in place of H (PSD by
+  construction: what CG needs when H is indefinite, as a detector's is), and ``preconditioner(curvature)``;
 * ``score(s_test, pool)``: ``I(z) = -s_test^T G_z`` for every pool sample, with ``G_z`` the
   posterior-weighted expected gradient over the top-K predicted classes.
 
-Solvers (:mod:`isal_backend.influence.solvers`) only need ``hvp`` and ``dim``; the subclasses
+Solvers (:mod:`isal_backend.influence.solvers`) only need :meth:`InfluenceProblem.curvature_vp` and
+``dim``, so every kind of model shares one CG, one Cholesky, one LiSSA and their tests; the subclasses
 decide how gradients are had: a closed form for a softmax linear head
 (:mod:`.head`) or ``torch.func`` per-sample gradients for any named parameter set (:mod:`.autograd`).
 """
@@ -18,8 +21,12 @@ decide how gradients are had: a closed form for a softmax linear head
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
+
+#: What ``s_test`` inverts: the exact Hessian, or the generalised Gauss-Newton matrix (PSD by construction).
+CURVATURES = ("hessian", "ggn")
 
 
 class TopKError(ValueError):
@@ -71,10 +78,30 @@ class InfluenceProblem(ABC):
     def score(self, s_test: torch.Tensor, top_k: int = 1) -> torch.Tensor:
         """``-s_test^T G_z`` for each pool sample; the most negative is the most valuable."""
 
-    def dense_hessian(self) -> torch.Tensor:
-        """The full ``H + weight_decay I`` matrix, built from ``dim`` HVPs (for small problems)."""
+    def ggn_vp(self, vector: torch.Tensor) -> torch.Tensor:
+        """``(G + weight_decay I) vector`` with G the generalised Gauss-Newton matrix of the training loss."""
+        raise NotImplementedError(f"{type(self).__name__} has no Gauss-Newton curvature: use curvature='hessian'")
+
+    def curvature_vp(self, vector: torch.Tensor, curvature: str = "hessian") -> torch.Tensor:
+        """The product the solvers invert, for ``curvature`` in :data:`CURVATURES`."""
+        if curvature == "hessian":
+            return self.hvp(vector)
+        if curvature == "ggn":
+            return self.ggn_vp(vector)
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+
+    def preconditioner(self, curvature: str = "hessian") -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """An approximation of ``x -> (curvature + weight_decay I)^-1 x`` for CG, or None (plain CG)."""
+        return None
+
+    def dense_curvature(self, curvature: str = "hessian") -> torch.Tensor:
+        """The full matrix behind :meth:`curvature_vp`, from ``dim`` products (small problems only)."""
         eye = torch.eye(self.dim, dtype=self.dtype)
-        return torch.stack([self.hvp(eye[i]) for i in range(self.dim)], dim=1)
+        return torch.stack([self.curvature_vp(eye[i], curvature) for i in range(self.dim)], dim=1)
+
+    def dense_hessian(self) -> torch.Tensor:
+        """The full ``H + weight_decay I`` matrix (for small problems)."""
+        return self.dense_curvature("hessian")
 
     @property
     def dtype(self) -> torch.dtype:

@@ -156,8 +156,12 @@ class HeadInfluence(InfluenceProblem):
         out = (y.T @ x) / x.shape[0]
         return out.reshape(-1) + self.weight_decay * vector
 
-    def dense_hessian(self) -> torch.Tensor:
-        """Closed form of the dense Hessian, block (a, b) = mean_i A_i[a,b] x_i x_i^T."""
+    def ggn_vp(self, vector: torch.Tensor) -> torch.Tensor:
+        """The Gauss-Newton matrix IS the Hessian here: the loss is convex in the logits, which are linear in W."""
+        return self.hvp(vector)
+
+    def dense_curvature(self, curvature: str = "hessian") -> torch.Tensor:
+        """Closed form of the dense Hessian (= Gauss-Newton), block (a, b) = mean_i A_i[a,b] x_i x_i^T."""
         x, p = self.train_x, self.train_p
         c, d = self.head.weight.shape
         hessian = torch.zeros(c, d, c, d, dtype=x.dtype)

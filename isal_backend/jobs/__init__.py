@@ -1,1 +1,1 @@
-"""Jobs: the glue between Label Studio (isal_backend.labelstudio) and the ISAL engine."""
+"""The jobs the queue runs (:mod:`.entry`) and the feature shards that RQ workers share (:mod:`.shards`)."""

@@ -2,12 +2,13 @@
 
 Scoring from pixels is a backbone forward pass followed by a closed form that costs microseconds
 per task (see ``bench speed``), so what is worth sharing between workers is the forward pass. The
-round job cuts the uncached images into shards, writes each shard's references to the shared
-``MODEL_DIR`` and enqueues one RQ job per shard; then it works through the shards itself too
-(work stealing), so a round finishes with one worker or many, on one machine or several sharing
-Redis and ``MODEL_DIR``. Shards are claimed with a lease in Redis: a shard whose worker died is
-taken over once its lease runs out. Features land in the project's shared feature cache, where the
-round picks them up; an image that failed in a shard is retried by the round and reported there.
+round job cuts the uncached images into shards (a plan), writes each shard's references to the shared
+``MODEL_DIR`` and enqueues one RQ job per shard (:func:`isal_backend.jobs.entry.featurize_shard`);
+then it works through the shards itself too (work stealing), so a round finishes with one worker or
+many, on one machine or several sharing Redis and ``MODEL_DIR``. Shards are claimed with a lease in
+Redis: a shard whose worker died is taken over once its lease runs out. Features land in the project's
+shared feature cache, where the round picks them up; an image that failed in a shard is retried by the
+round and reported there.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from isal_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SHARD_JOB = "isal_backend.jobs.shards.featurize_shard"
+SHARD_JOB = "isal_backend.jobs.entry.featurize_shard"
 
 
 def worker_name() -> str:
@@ -37,14 +39,14 @@ def worker_name() -> str:
 
 
 class ShardPlan:
-    """The shards of one round: references on disk, claims and completions in Redis."""
+    """The shards of one featurization: references on disk, claims and completions in Redis."""
 
-    def __init__(self, settings: Settings, project_dir: Path, round_id: str, connection: redis.Redis) -> None:
+    def __init__(self, settings: Settings, project_dir: Path, plan_id: str, connection: redis.Redis) -> None:
         self.settings = settings
-        self.round_id = round_id
-        self.folder = project_dir / "shards" / round_id
+        self.plan_id = plan_id
+        self.folder = project_dir / "shards" / plan_id
         self.redis = connection
-        self.key = f"{settings.redis_prefix}:shards:{round_id}"
+        self.key = f"{settings.redis_prefix}:shards:{plan_id}"
 
     def write(self, references: list[str], size: int) -> int:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -102,17 +104,18 @@ def run_shard(plan: ShardPlan, index: int, featurize: Callable[[list[str]], Any]
 
 
 def featurize_in_shards(
-    settings: Settings, project_dir: Path, round_id: str, references: list[str],
-    featurize: Callable[[list[str]], Any], project_id: int, timeout_s: float = 6 * 3600,
+    settings: Settings, project_dir: Path, references: list[str], featurize: Callable[[list[str]], Any],
+    project_id: int, plan_id: str | None = None, timeout_s: float = 6 * 3600,
 ) -> dict[str, Any]:
     """Share the features of ``references`` among all workers; returns who computed which shard."""
     connection = redis.Redis.from_url(settings.redis_url)
-    plan = ShardPlan(settings, project_dir, round_id, connection)
+    plan_id = plan_id or f"plan-{uuid.uuid4().hex}"
+    plan = ShardPlan(settings, project_dir, plan_id, connection)
     count = plan.write(references, settings.shard_size)
     queue = Queue(settings.rq_queue, connection=connection)
     for index in range(count):
-        queue.enqueue(SHARD_JOB, project_id, round_id, index,
-                      job_id=f"{settings.redis_prefix}-shard-{round_id}-{index}",
+        queue.enqueue(SHARD_JOB, project_id, plan_id, index,
+                      job_id=f"{settings.redis_prefix}-shard-{plan_id}-{index}",
                       job_timeout=int(settings.shard_lease_seconds * 4), result_ttl=600, failure_ttl=3600)
     deadline = time.monotonic() + timeout_s
     try:
@@ -132,16 +135,3 @@ def featurize_in_shards(
     finally:
         plan.cleanup(count)
     return {"count": count, "size": settings.shard_size, "computed_by": by}
-
-
-def featurize_shard(project_id: int, round_id: str, index: int) -> dict[str, Any]:
-    """RQ entry point: compute one shard of a round's image features, unless another worker has."""
-    from isal_backend.jobs.round import Round
-
-    settings = Settings.from_env()
-    round_ = Round(project_id, settings)
-    plan = ShardPlan(settings, round_.store.project_dir(project_id), round_id, redis.Redis.from_url(settings.redis_url))
-    if not (plan.folder / f"{index}.json").exists():
-        return {"shard": index, "computed": False, "reason": "round already finished"}
-    computed = run_shard(plan, index, lambda refs: round_.featurizer(refs, round_.load_image))
-    return {"shard": index, "computed": computed}

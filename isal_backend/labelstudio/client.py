@@ -383,6 +383,11 @@ def _check_prediction(index: int, item: Mapping[str, Any]) -> None:
         raise ValueError(f"prediction {index}: 'result' must be a list (may be empty)")
 
 
+def decode_data_url(ref: str) -> bytes:
+    """The bytes of a ``data:`` URL (what a task holds when its image was imported inline)."""
+    return _decode_data_url(ref, safe_source(ref))
+
+
 def _decode_data_url(ref: str, where: str) -> bytes:
     header, sep, payload = ref[5:].partition(",")
     if not sep:

@@ -1,15 +1,19 @@
 """Parse a Label Studio label config into the shapes this backend supports.
 
-Two: image classification (an <Image> with single-choice <Choices>, :func:`parse_label_config`) and
-object detection (an <Image> with <RectangleLabels>); :func:`parse_project_config` accepts either and
-tells them apart, so every caller that must handle both projects goes through it.
+One config class per labeling control tag, as the task kinds are: image classification (an <Image> with
+single-choice <Choices>, :class:`ClassificationConfig`) and object detection (an <Image> with
+<RectangleLabels>, :class:`DetectionConfig`). :func:`parse_project_config` finds the control tag and
+parses the config with its kind's parser (:data:`CONTROL_TAGS`), so every caller goes through it and a
+new kind is one more entry.
 """
 
 from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 SUPPORTED = ("supported: an <Image> with <Choices> (classification) or an <Image> with <RectangleLabels> "
              "(object detection)")
@@ -28,23 +32,47 @@ class LabelConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class ClassificationConfig:
-    """What the backend needs from a single-label image classification config."""
+class LabelConfig:
+    """What every supported config has: one <Image> and one control tag with its labels."""
+
+    #: The task kind this config makes (isal_backend.tasks has one Task class per kind).
+    kind: ClassVar[str] = ""
 
     image_name: str  # the <Image name=...>, used as to_name in results
     image_value_key: str  # the task data key the image reference is stored under ($image -> "image")
-    choices_name: str  # the <Choices name=...>, used as from_name in results
-    labels: list[str] = field(default_factory=list)  # in config order; what LS stores in results
+
+    @property
+    def control_name(self) -> str:
+        """The control tag's name, used as from_name in results."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
-class DetectionConfig:
+class ClassificationConfig(LabelConfig):
+    """What the backend needs from a single-label image classification config."""
+
+    kind: ClassVar[str] = "classification"
+
+    choices_name: str = ""  # the <Choices name=...>, used as from_name in results
+    labels: list[str] = field(default_factory=list)  # in config order; what LS stores in results
+
+    @property
+    def control_name(self) -> str:
+        return self.choices_name
+
+
+@dataclass(frozen=True)
+class DetectionConfig(LabelConfig):
     """What the backend needs from an object detection config: one <Image>, one <RectangleLabels>."""
 
-    image_name: str  # the <Image name=...>, used as to_name in results
-    image_value_key: str  # the task data key the image reference is stored under
-    labels_name: str  # the <RectangleLabels name=...>, used as from_name in results
+    kind: ClassVar[str] = "detection"
+
+    labels_name: str = ""  # the <RectangleLabels name=...>, used as from_name in results
     labels: list[str] = field(default_factory=list)  # in config order: class index i is labels[i]
+
+    @property
+    def control_name(self) -> str:
+        return self.labels_name
 
 
 def _error(message: str) -> LabelConfigError:
@@ -96,15 +124,18 @@ def _image_name_and_value(image: ET.Element) -> tuple[str, str]:
     return image_name, value
 
 
-def parse_project_config(xml: str) -> ClassificationConfig | DetectionConfig:
-    """Either supported config: a <RectangleLabels> makes it detection, anything else must be classification.
+def parse_project_config(xml: str) -> LabelConfig:
+    """The config of whichever supported kind its control tag names (see :data:`CONTROL_TAGS`).
 
-    Raises LabelConfigError naming the offending tag and what is supported.
+    A config whose control tag is none of them is parsed as classification, whose parser names the
+    offending tag. Raises LabelConfigError naming the offending tag and what is supported.
     """
     root = _parse_xml(xml)
-    if any(_tag(element) == "rectanglelabels" for element in root.iter()):
-        return _parse_detection(root)
-    return parse_label_config(xml)
+    tags = {_tag(element) for element in root.iter()}
+    for tag, parse in CONTROL_TAGS.items():
+        if tag in tags:
+            return parse(root)
+    return _parse_classification(root)
 
 
 def _parse_detection(root: ET.Element) -> DetectionConfig:
@@ -153,7 +184,10 @@ def _control_name(tag: ET.Element, kind: str, image_name: str) -> str:
 
 def parse_label_config(xml: str) -> ClassificationConfig:
     """Parse and validate a classification `xml`; raise LabelConfigError naming the offending tag otherwise."""
-    root = _parse_xml(xml)
+    return _parse_classification(_parse_xml(xml))
+
+
+def _parse_classification(root: ET.Element) -> ClassificationConfig:
     images: list[ET.Element] = []
     choices: list[ET.Element] = []
     for element in root.iter():
@@ -191,3 +225,10 @@ def parse_label_config(xml: str) -> ClassificationConfig:
 
     return ClassificationConfig(image_name=image_name, image_value_key=value[1:], choices_name=choices_name,
                                 labels=labels)
+
+
+#: Control tag (lower case) -> the parser of its kind's config; the first tag present in a config wins.
+CONTROL_TAGS: dict[str, Callable[[ET.Element], LabelConfig]] = {
+    "rectanglelabels": _parse_detection,
+    "choices": _parse_classification,
+}

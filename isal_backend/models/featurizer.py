@@ -20,7 +20,7 @@ from PIL import Image
 from isal_backend.models.backbones import build_backbone, extract_features
 from isal_backend.store import FeatureCache
 
-_MODELS: dict[tuple[str, str, str], tuple[torch.nn.Module, object]] = {}
+_MODELS: dict[tuple[str, str, str, int | None], tuple[torch.nn.Module, object]] = {}
 _LOCK = threading.Lock()
 #: The backbone as shipped (ImageNet or random weights); fine-tuned versions are named by their round.
 STOCK = "stock"
@@ -31,34 +31,39 @@ def cache_key(reference: str) -> str:
     return hashlib.sha1(reference.encode("utf-8")).hexdigest()
 
 
-def _backbone(name: str, device: str, version: str = STOCK, weights: dict[str, torch.Tensor] | None = None):
+def _backbone(name: str, device: str, version: str = STOCK, weights: dict[str, torch.Tensor] | None = None,
+              image_size: int | None = None):
     """The process's one copy of a backbone version (fine-tuned versions carry their weights)."""
+    key = (name, device, version, image_size)
     with _LOCK:
-        if (name, device, version) not in _MODELS:
+        if key not in _MODELS:
             if version != STOCK:  # only the current fine-tuned version is kept besides the stock one
-                for key in [k for k in _MODELS if k[2] != STOCK]:
-                    del _MODELS[key]
-            net, preprocess = build_backbone(name)
+                for old in [k for k in _MODELS if k[2] != STOCK]:
+                    del _MODELS[old]
+            net, preprocess = build_backbone(name, image_size)
             if weights is not None:
                 net.load_state_dict(weights)
-            _MODELS[(name, device, version)] = (net.eval().to(device), preprocess)
-        return _MODELS[(name, device, version)]
+            _MODELS[key] = (net.eval().to(device), preprocess)
+        return _MODELS[key]
 
 
 class Featurizer:
     """Features of task images by reference; failures are returned, never raised.
 
-    ``version``/``weights``: a fine-tuned backbone (ISAL_TRAIN_MODE=finetune) with its own cache folder.
+    ``version``/``weights``: a fine-tuned backbone (ISAL_TRAIN_MODE=finetune) with its own cache folder;
+    ``image_size``: the backbone's input size (None: its native one), part of the cache folder's name.
     """
 
     def __init__(self, backbone: str, cache_dir: str | Path, device: str = "cpu", batch_size: int = 64,
-                 version: str = STOCK, weights: dict[str, torch.Tensor] | None = None) -> None:
+                 version: str = STOCK, weights: dict[str, torch.Tensor] | None = None,
+                 image_size: int | None = None) -> None:
         self.backbone_name = backbone
         self.device = device
         self.batch_size = batch_size
         self.version = version
         self.weights = weights
-        folder = Path(cache_dir) / backbone
+        self.image_size = image_size
+        folder = Path(cache_dir) / (backbone if image_size is None else f"{backbone}-{image_size}px")
         self.cache = FeatureCache(folder if version == STOCK else folder / "finetuned" / version)
 
     @property
@@ -66,7 +71,7 @@ class Featurizer:
         return self._loaded()[0]
 
     def _loaded(self):
-        return _backbone(self.backbone_name, self.device, self.version, self.weights)
+        return _backbone(self.backbone_name, self.device, self.version, self.weights, self.image_size)
 
     def drop_other_versions(self) -> None:
         """Delete the feature caches of fine-tuned backbones other than this one (they are never read again)."""

@@ -184,8 +184,8 @@ class RedisCoalescer:
         self.prefix = prefix
         self.queue = Queue(queue_name, connection=connection)
         self.targets = targets or {
-            ROUND: "isal_backend.jobs.round.run_round",
-            SCORE: "isal_backend.jobs.round.score_new_tasks",
+            ROUND: "isal_backend.jobs.entry.run_round",
+            SCORE: "isal_backend.jobs.entry.score_new_tasks",
         }
         self.lease_ms = int(lease_seconds * 1000)
         self.retries = retries

@@ -39,8 +39,7 @@ def preload_job_code() -> float:
     start = time.perf_counter()
     import torch._dynamo  # noqa: F401 - torch.optim's LBFGS pulls it in on first use
 
-    import isal_backend.jobs.detection_round  # noqa: F401
-    import isal_backend.jobs.round  # noqa: F401
+    import isal_backend.jobs.entry  # noqa: F401 - the round, both task kinds, torch
     import isal_backend.jobs.shards  # noqa: F401
 
     seconds = time.perf_counter() - start

@@ -43,7 +43,7 @@ class ApiError(Exception):
 
 def _predict_tasks(project_id: int, tasks: list[dict[str, Any]], label_config: str) -> list[dict[str, Any]]:
     """Imported on first use: the web process answers /health and /webhook without loading torch."""
-    from isal_backend.jobs.predict import predict_tasks
+    from isal_backend.jobs.entry import predict_tasks
 
     return predict_tasks(project_id, tasks, label_config)
 

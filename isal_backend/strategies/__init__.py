@@ -1,53 +1,40 @@
-"""Selection strategies behind one interface; :func:`get_strategy` builds one by name."""
+"""Selection strategies: their names (here, torch-free, so settings can validate them) and their code.
 
-from __future__ import annotations
+The code is in the submodules: :mod:`.base` (the :class:`~.base.PoolView` every task kind provides and the
+:class:`~.base.Strategy` interface), :mod:`.baselines`, :mod:`.isal`, and :mod:`.catalog`, which builds a
+strategy by name for a task kind.
+"""
 
-from collections.abc import Callable
+ISAL = "isal"
+ISAL_PAPER = "isal-paper"
+RANDOM = "random"
+ENTROPY = "entropy"
+MARGIN = "margin"
+LEAST_CONFIDENCE = "least-confidence"
+CORESET = "coreset"
+#: Detection's uncertainty sampling (lowest mean box score first): the form the three classification
+#: uncertainty measures take for a detector, which has no posterior over a fixed set of classes.
+MEAN_CONFIDENCE = "mean-confidence"
 
-from isal_backend.strategies.base import PoolState, Strategy, ascending
-from isal_backend.strategies.baselines import (
-    CoresetStrategy,
-    EntropyStrategy,
-    LeastConfidenceStrategy,
-    MarginStrategy,
-    RandomStrategy,
-    k_center_greedy,
-)
-from isal_backend.strategies.isal import IsalStrategy, NotEnoughLabels, holdout_split, paper_isal
-
-STRATEGIES: dict[str, Callable[[], Strategy]] = {
-    "isal": IsalStrategy,
-    "isal-paper": paper_isal,
-    "random": RandomStrategy,
-    "entropy": EntropyStrategy,
-    "margin": MarginStrategy,
-    "least-confidence": LeastConfidenceStrategy,
-    "coreset": CoresetStrategy,
-}
-
-
-def get_strategy(name: str) -> Strategy:
-    """A strategy by name; an unknown name lists the known ones."""
-    try:
-        return STRATEGIES[name]()
-    except KeyError:
-        raise ValueError(f"unknown strategy {name!r}: choose from {', '.join(STRATEGIES)}") from None
-
+#: What ``ISAL_STRATEGY`` accepts, for every task kind.
+STRATEGIES = (ISAL, ISAL_PAPER, RANDOM, ENTROPY, MARGIN, LEAST_CONFIDENCE, CORESET)
+#: Every strategy a benchmark can run (``mean-confidence`` is a detection name for least-confidence).
+ALL_STRATEGIES = (*STRATEGIES, MEAN_CONFIDENCE)
+#: Strategies that score with influence (they need a reference set held out from training).
+INFLUENCE_STRATEGIES = (ISAL, ISAL_PAPER)
+UNCERTAINTY_STRATEGIES = (ENTROPY, MARGIN, LEAST_CONFIDENCE)
 
 __all__ = [
+    "ALL_STRATEGIES",
+    "CORESET",
+    "ENTROPY",
+    "INFLUENCE_STRATEGIES",
+    "ISAL",
+    "ISAL_PAPER",
+    "LEAST_CONFIDENCE",
+    "MARGIN",
+    "MEAN_CONFIDENCE",
+    "RANDOM",
     "STRATEGIES",
-    "CoresetStrategy",
-    "EntropyStrategy",
-    "IsalStrategy",
-    "LeastConfidenceStrategy",
-    "MarginStrategy",
-    "NotEnoughLabels",
-    "PoolState",
-    "RandomStrategy",
-    "Strategy",
-    "ascending",
-    "get_strategy",
-    "holdout_split",
-    "k_center_greedy",
-    "paper_isal",
+    "UNCERTAINTY_STRATEGIES",
 ]

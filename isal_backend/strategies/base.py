@@ -1,73 +1,71 @@
-"""The selection interface every strategy implements, ISAL and baselines alike.
+"""The selection interface: a strategy orders a pool through the :class:`PoolView` its task kind provides.
 
-A strategy sees a :class:`PoolState` (cached features of the labeled set and of the unlabeled
-pool) and returns pool indices in priority order. Working on features keeps every strategy cheap
-enough to run on every annotation; strategies that need the model train their own head with the
-same recipe (:func:`isal_backend.influence.fit_linear_head`).
+Strategies know nothing of images, heads or detectors. Each task kind (classification, detection, ...)
+turns its fitted model and the pool into a :class:`PoolView`: diversity embeddings, a posterior when it
+has one, a confidence, groups to balance batches over, influence scores. So one strategy is written
+once and orders every kind; a kind that lacks a signal (a detector has no class posterior) says so.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
 
-from isal_backend.influence import LinearHead, fit_linear_head
+
+class SignalMissing(ValueError):
+    """The task kind cannot give what the strategy needs (e.g. class posteriors from a detector)."""
 
 
-@dataclass
-class PoolState:
-    """What a strategy may look at: labeled features with labels, pool features."""
-
-    labeled_features: torch.Tensor
-    labeled_labels: torch.Tensor
-    pool_features: torch.Tensor
-    num_classes: int
-    weight_decay: float = 1e-3
-    seed: int = 0
-    #: Head trained on ALL labeled samples; fitted on first use when not given.
-    head: LinearHead | None = None
-    #: Filled by strategies: whatever they measured (timings, solver residuals, ...).
-    report: dict[str, float | str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.labeled_features.shape[0] != self.labeled_labels.shape[0]:
-            raise ValueError("labeled_features and labeled_labels differ in length")
-        if self.pool_features.ndim != 2:
-            raise ValueError(f"pool_features must be n x d, got {tuple(self.pool_features.shape)}")
+class PoolView(Protocol):
+    """What a task kind's fitted model (or, at cold start, its features alone) says about the unlabeled pool."""
 
     @property
-    def pool_size(self) -> int:
-        return self.pool_features.shape[0]
+    def size(self) -> int:
+        """Number of unlabeled items."""
+        ...
 
-    def full_head(self) -> LinearHead:
-        if self.head is None:
-            self.head = fit_linear_head(
-                self.labeled_features, self.labeled_labels, self.num_classes, self.weight_decay
-            )
-        return self.head
+    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pool, labeled)`` rows in one feature space, for diversity orders."""
+        ...
 
-    def pool_probs(self) -> torch.Tensor:
-        return self.full_head().probs(self.pool_features.to(self.full_head().weight.dtype))
+    def probabilities(self) -> torch.Tensor:
+        """Pool posteriors over the classes (n x C); raises :class:`SignalMissing` when the kind has none."""
+        ...
+
+    def confidence(self) -> torch.Tensor:
+        """Per pool item, how sure the model is (higher is surer)."""
+        ...
+
+    def groups(self) -> torch.Tensor:
+        """Per pool item, the group batches are balanced over (a predicted class); -1 for none."""
+        ...
+
+    def influence(self) -> torch.Tensor:
+        """Per pool item, the ISAL score (lower is more valuable); needs the round's s_test step."""
+        ...
 
 
 class Strategy(ABC):
     """Orders the unlabeled pool, most valuable first."""
 
     name: str = "strategy"
-    #: Whether the strategy needs a trained head (and so at least one label).
-    needs_labels: bool = True
+    #: Whether the strategy looks at a trained model (random and core-set do not).
+    needs_model: ClassVar[bool] = True
+
+    def keys(self, view: PoolView) -> torch.Tensor | None:
+        """Per-item value the order ascends (new tasks are placed by it); None when the order is set-wise."""
+        return None
 
     @abstractmethod
-    def rank(self, state: PoolState, count: int) -> np.ndarray:
-        """The ``count`` most valuable pool indices, best first."""
+    def order(self, view: PoolView, count: int, seed: int) -> np.ndarray:
+        """The ``count`` most valuable pool positions, best first."""
 
-    def select(self, state: PoolState, budget: int) -> np.ndarray:
-        if budget > state.pool_size:
-            raise ValueError(f"budget {budget} is larger than the unlabeled pool ({state.pool_size})")
-        return self.rank(state, budget)
+    def describe(self) -> dict[str, object]:
+        """The strategy and its options, JSON-ready (recipes and reports)."""
+        return {"name": self.name}
 
 
 def ascending(values: torch.Tensor | np.ndarray, count: int, seed: int = 0) -> np.ndarray:
@@ -76,3 +74,26 @@ def ascending(values: torch.Tensor | np.ndarray, count: int, seed: int = 0) -> n
     tiebreak = np.random.default_rng(seed).random(values.shape[0])
     order = np.lexsort((tiebreak, values))
     return order[:count]
+
+
+def balanced_order(scores: torch.Tensor, groups: torch.Tensor, count: int, seed: int) -> np.ndarray:
+    """Round-robin over groups (predicted classes), each group in ascending score order.
+
+    Groups take turns in the order of their best score, so the single most valuable item is still
+    first; a batch cannot collapse onto the one class a single direction in parameter space favours.
+    """
+    order = ascending(scores, scores.shape[0], seed)
+    pred = groups.cpu().numpy()[order]
+    per_group = {int(c): order[pred == c] for c in np.unique(pred)}
+    turn = sorted(per_group, key=lambda c: float(scores[per_group[c][0]]))
+    out: list[int] = []
+    depth = 0
+    count = min(count, scores.shape[0])
+    while len(out) < count:
+        for c in turn:
+            if depth < per_group[c].size:
+                out.append(int(per_group[c][depth]))
+                if len(out) == count:
+                    break
+        depth += 1
+    return np.asarray(out, dtype=np.int64)

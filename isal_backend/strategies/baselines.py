@@ -2,48 +2,65 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 
-from isal_backend.strategies.base import PoolState, Strategy, ascending
+from isal_backend.strategies import CORESET, ENTROPY, LEAST_CONFIDENCE, MARGIN, MEAN_CONFIDENCE, RANDOM
+from isal_backend.strategies.base import PoolView, Strategy, ascending
 
 
 class RandomStrategy(Strategy):
-    name = "random"
-    needs_labels = False
+    name = RANDOM
+    needs_model: ClassVar[bool] = False
 
-    def rank(self, state: PoolState, count: int) -> np.ndarray:
-        return np.random.default_rng(state.seed).permutation(state.pool_size)[:count]
+    def order(self, view: PoolView, count: int, seed: int) -> np.ndarray:
+        return np.random.default_rng(seed).permutation(view.size)[:count]
 
 
 class EntropyStrategy(Strategy):
     """Highest predictive entropy first."""
 
-    name = "entropy"
+    name = ENTROPY
 
-    def rank(self, state: PoolState, count: int) -> np.ndarray:
-        p = state.pool_probs()
-        entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)
-        return ascending(-entropy, count, state.seed)
+    def keys(self, view: PoolView) -> torch.Tensor:
+        p = view.probabilities()
+        return (p * torch.log(p.clamp_min(1e-12))).sum(dim=1)  # minus the entropy: ascending
+
+    def order(self, view: PoolView, count: int, seed: int) -> np.ndarray:
+        return ascending(self.keys(view), count, seed)
 
 
 class MarginStrategy(Strategy):
     """Smallest gap between the two most probable classes first."""
 
-    name = "margin"
+    name = MARGIN
 
-    def rank(self, state: PoolState, count: int) -> np.ndarray:
-        top2 = state.pool_probs().topk(2, dim=1).values
-        return ascending(top2[:, 0] - top2[:, 1], count, state.seed)
+    def keys(self, view: PoolView) -> torch.Tensor:
+        top2 = view.probabilities().topk(2, dim=1).values
+        return top2[:, 0] - top2[:, 1]
+
+    def order(self, view: PoolView, count: int, seed: int) -> np.ndarray:
+        return ascending(self.keys(view), count, seed)
 
 
 class LeastConfidenceStrategy(Strategy):
-    """Lowest top-class probability first."""
+    """Lowest confidence first: the top-class probability, or a detector's mean box score."""
 
-    name = "least-confidence"
+    name = LEAST_CONFIDENCE
 
-    def rank(self, state: PoolState, count: int) -> np.ndarray:
-        return ascending(state.pool_probs().max(dim=1).values, count, state.seed)
+    def keys(self, view: PoolView) -> torch.Tensor:
+        return view.confidence()
+
+    def order(self, view: PoolView, count: int, seed: int) -> np.ndarray:
+        return ascending(self.keys(view), count, seed)
+
+
+class MeanConfidenceStrategy(LeastConfidenceStrategy):
+    """A detector's uncertainty sampling: lowest mean post-NMS box score first (no box: confidence 0)."""
+
+    name = MEAN_CONFIDENCE
 
 
 def k_center_greedy(
@@ -55,6 +72,8 @@ def k_center_greedy(
     """
     n = pool.shape[0]
     count = min(count, n)
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
     pool = pool.float()
     sq = (pool * pool).sum(dim=1)
 
@@ -74,6 +93,7 @@ def k_center_greedy(
         first = int(np.random.default_rng(seed).integers(n))
         chosen.append(first)
         nearest = distances_to(pool[first : first + 1])
+        nearest[first] = -1.0
     while len(chosen) < count:
         idx = int(torch.argmax(nearest))
         chosen.append(idx)
@@ -83,10 +103,11 @@ def k_center_greedy(
 
 
 class CoresetStrategy(Strategy):
-    """Greedy k-center on features: covers the data; needs no labels (the cold-start order)."""
+    """Greedy k-center on the kind's embeddings: covers the data; needs no labels (the cold-start order)."""
 
-    name = "coreset"
-    needs_labels = False
+    name = CORESET
+    needs_model: ClassVar[bool] = False
 
-    def rank(self, state: PoolState, count: int) -> np.ndarray:
-        return k_center_greedy(state.pool_features, state.labeled_features, count, state.seed)
+    def order(self, view: PoolView, count: int, seed: int) -> np.ndarray:
+        pool, labeled = view.embeddings()
+        return k_center_greedy(pool, labeled, count, seed)

@@ -1,6 +1,7 @@
 """Pascal VOC detection data: a folder (``JPEGImages/``, ``Annotations/``) or a ``.tar.gz`` of one.
 
-The BCCD archive in ``../shared/data/bccd-voc.tar.gz`` is read in place (no extraction): members
+The BCCD archive (``bccd-voc.tar.gz`` in the data root, see :func:`isal_backend.bench.paths.resolve_data_root`)
+is read in place (no extraction): members
 are looked up by their path suffix, so ``./BCCD/JPEGImages/x.jpg`` and ``JPEGImages/x.jpg`` both work.
 Boxes go through :func:`~isal_backend.detection.boxes.validate_boxes` against the DECODED image size
 (an XML ``<size>`` can lie): outside -> clipped, zero area -> dropped, each reported. An image that
@@ -20,20 +21,23 @@ import numpy as np
 import torch
 from PIL import Image
 
+from isal_backend.bench.paths import resolve_data_root
 from isal_backend.detection.boxes import BoxIssue, validate_boxes
 
-BCCD_ARCHIVE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "bccd-voc.tar.gz"
+BCCD_ARCHIVE_NAME = "bccd-voc.tar.gz"
 BCCD_CLASSES = ("RBC", "WBC", "Platelets")
 
 
 @dataclass
 class DetectionDataset:
-    """Decoded images (uint8, ``(3, H, W)``) with pixel boxes and class indices."""
+    """Decoded images (uint8, ``(3, H, W)``) with pixel boxes and class indices, and the files' bytes."""
 
     names: list[str]
     images: list[torch.Tensor]
     targets: list[dict[str, torch.Tensor]]  # boxes float32 (n, 4) x0 y0 x1 y1; labels int64 (n,)
     classes: tuple[str, ...]
+    data: list[bytes] = field(default_factory=list)  # each image file as stored (what a task would serve)
+    scales: list[float] = field(default_factory=list)  # shrunk size / original size, per image
     splits: dict[str, list[int]] = field(default_factory=dict)
     issues: list[BoxIssue] = field(default_factory=list)
 
@@ -120,7 +124,7 @@ def load_voc(
         raise ValueError(f"{path}: a Pascal VOC data set needs JPEGImages/ and Annotations/ (found "
                          f"{len(images_by_stem)} images, {len(xml_by_stem)} annotation files)")
     issues: list[BoxIssue] = []
-    parsed: list[tuple[str, torch.Tensor, float, list[tuple[str, list[float], bool]]]] = []
+    parsed: list[tuple[str, torch.Tensor, float, list[tuple[str, list[float], bool]], bytes]] = []
     for stem in sorted(xml_by_stem):
         if limit is not None and len(parsed) >= limit:
             break
@@ -129,7 +133,8 @@ def load_voc(
             continue
         try:
             objects = _parse_xml(src.read(xml_by_stem[stem]), stem)
-            with Image.open(io.BytesIO(src.read(images_by_stem[stem]))) as im:
+            raw = src.read(images_by_stem[stem])
+            with Image.open(io.BytesIO(raw)) as im:
                 rgb = im.convert("RGB")
                 width, height = rgb.size
                 scale = 1.0
@@ -141,11 +146,11 @@ def load_voc(
             issues.append(BoxIssue("unreadable", stem, f"{stem}: failed to load ({type(exc).__name__}: {exc}); "
                                    "skipped"))
             continue
-        parsed.append((stem, torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous(), scale, objects))
-    found = sorted({label for *_, objs in parsed for label, _, _ in objs})
+        parsed.append((stem, torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous(), scale, objects, raw))
+    found = sorted({label for _, _, _, objs, _ in parsed for label, _, _ in objs})
     classes = tuple(classes) if classes is not None else tuple(found)
-    names, images, targets = [], [], []
-    for stem, image, scale, objects in parsed:
+    names, images, targets, data, scales = [], [], [], [], []
+    for stem, image, scale, objects, raw in parsed:
         ok = [j for j, o in enumerate(objects) if o[0] in classes]
         for j, o in enumerate(objects):
             if o[0] not in classes:
@@ -160,17 +165,24 @@ def load_voc(
         names.append(stem)
         images.append(image)
         targets.append({"boxes": (boxes[keep] * scale).float(), "labels": labels[keep]})
+        data.append(raw)
+        scales.append(scale)
     splits: dict[str, list[int]] = {}
     index = {n: i for i, n in enumerate(names)}
     for fname, rel in src.find("ImageSets/Main", keep_suffix=True).items():
         if fname.endswith(".txt") and "_" not in fname:
             stems = src.read(rel).decode().split()
             splits[fname[:-4]] = [index[s] for s in stems if s in index]
-    return DetectionDataset(names, images, targets, classes, splits, issues)
+    return DetectionDataset(names, images, targets, classes, data, scales, splits, issues)
 
 
 def load_bccd(
     archive: str | Path | None = None, limit: int | None = None, max_side: int | None = None
 ) -> DetectionDataset:
-    """BCCD from the shared archive with the class order RBC, WBC, Platelets."""
-    return load_voc(archive or BCCD_ARCHIVE, BCCD_CLASSES, limit=limit, max_side=max_side)
+    """BCCD from the data root's archive with the class order RBC, WBC, Platelets."""
+    return load_voc(archive or bccd_archive(), BCCD_CLASSES, limit=limit, max_side=max_side)
+
+
+def bccd_archive(data_root: str | Path | None = None) -> Path:
+    """Where BCCD is looked for: the data root's ``bccd-voc.tar.gz`` (see ``ISAL_DATA_ROOT``)."""
+    return resolve_data_root(data_root) / BCCD_ARCHIVE_NAME

@@ -1,0 +1,197 @@
+"""The round: a project's annotations in, a retrained model and an ordered labeling stream out.
+
+One round runs every task kind; it reads like its data path, each step timed into the report:
+
+1. **fetch**: the label config and every task with its annotations, from the datastore; the task
+   kind (one per labeling control tag) splits them into labeled, unlabeled and skipped (with why);
+2. **features**: what the model reads of each usable image (cached; a failed image is skipped);
+3. **fit**: the model for pre-labels, warm-started from the stored round, with its validation figure;
+   or the cold start (nothing to learn from yet: the order is core-set diversity on backbone features);
+4. **s_test**: for ISAL, the influence problems on a held-out or cross-fitted reference set, solved;
+5. **score** and **order**: the strategy orders the pool through the kind's view of it;
+6. **write back**: one prediction for each of the top tasks (pre-label as ``result``, rank mapped
+   into [0, 1] as ``score``, the round id as ``model_version``), then the stream serves them;
+7. **commit**: the round's artifacts to the model store, atomically (a killed round leaves the previous
+   one current), the report for /metrics; then older rounds' predictions are cleaned up.
+
+The round knows no Label Studio (only the :class:`~isal_backend.datastore.Datastore` port) and no
+model internals (only the :class:`~isal_backend.tasks.base.Task` of the project's kind), so the
+benchmark runs this same code on an offline datastore.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+
+from isal_backend.datastore import Datastore
+from isal_backend.labelstudio.config import parse_project_config
+from isal_backend.labelstudio.convert import rank_scores
+from isal_backend.settings import Settings
+from isal_backend.store import ModelStore
+from isal_backend.strategies.base import Strategy
+from isal_backend.strategies.baselines import CoresetStrategy
+from isal_backend.strategies.isal import IsalStrategy
+from isal_backend.tasks import Task, TaskParts, task_for
+from isal_backend.tasks.base import ColdStart, NotEnoughLabels, round_seed
+
+log = logging.getLogger(__name__)
+
+COLD_START_ORDER = "cold-start: core-set diversity on backbone features"
+
+
+def new_round_id() -> str:
+    """Sortable, collision-free: UTC time to the microsecond plus random bits."""
+    return f"isal-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:6]}"
+
+
+class Timer:
+    """Seconds per named step, for the report."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, step: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[f"{step}_seconds"] = round(self.seconds.get(f"{step}_seconds", 0.0)
+                                                    + time.perf_counter() - start, 4)
+
+    def total(self) -> float:
+        self.seconds["total_seconds"] = round(time.perf_counter() - self.started, 4)
+        return self.seconds["total_seconds"]
+
+
+@dataclass
+class Ordered:
+    """What the score and order steps decided."""
+
+    positions: np.ndarray  # pool positions, best first, as many as are written back
+    keys: torch.Tensor | None  # the strategy's per-item key over the whole pool (None: set-wise order)
+    description: str
+
+
+class Round:
+    """One project's round over ``datastore``; construct, then :meth:`run`.
+
+    ``parts`` carries what the task kinds keep between rounds (feature caches, shards); by default the
+    project's own folders in ``store``. ``on_committed`` runs after the commit (the job passes the
+    clean-up policy, the benchmark nothing).
+    """
+
+    def __init__(self, project_id: int, datastore: Datastore, store: ModelStore, settings: Settings,
+                 parts: TaskParts | None = None, write_size: int | None = None,
+                 clean_up: Callable[[str], bool] | None = None) -> None:
+        self.project_id = int(project_id)
+        self.datastore = datastore
+        self.store = store
+        self.settings = settings
+        self.parts = parts or TaskParts(settings, self.project_id, store.project_dir(self.project_id))
+        self.write_size = write_size if write_size is not None else settings.write_top_m
+        self.clean_up = clean_up
+
+    def task(self) -> Task:
+        """The project's task kind, from its label config."""
+        return task_for(parse_project_config(self.datastore.label_config()), self.parts)
+
+    def run(self) -> dict[str, Any]:
+        timer = Timer()
+        round_id = new_round_id()
+        self.store.sweep_staging(self.project_id)
+        with timer("fetch"):
+            task = self.task()
+            fetched_at = datetime.now(UTC).isoformat()
+            split = task.split(self.datastore.tasks())
+        stored = self.store.load(self.project_id)
+        previous = task.load(stored) if stored is not None else None
+        with timer("features"):
+            inputs = task.features(split, self.datastore.image, previous)
+        seed = round_seed(self.project_id, len(inputs.labeled_ids))
+        strategy, note = task.strategy(self.settings.strategy)
+        report: dict[str, Any] = {
+            "round_id": round_id, "project": self.project_id, "kind": task.kind, "labels": task.labels,
+            "strategy": strategy.name, "labeled": len(inputs.labeled_ids), "unlabeled": inputs.pool_size,
+            "fetched_at": fetched_at,
+        }
+        if note:
+            report["strategy_note"] = note
+        with timer("fit"):
+            fitted, info = task.fit(inputs, previous, seed)
+        report.update(info)
+        model = fitted.model if isinstance(fitted, ColdStart) else fitted
+        if isinstance(fitted, ColdStart):
+            strategy, report["cold_start_reason"] = CoresetStrategy(), fitted.reason
+        elif isinstance(strategy, IsalStrategy):
+            with timer("s_test"):
+                try:
+                    model, info = task.influence(model, inputs, strategy.options, seed)
+                    report.update(info)
+                except NotEnoughLabels as exc:
+                    strategy, report["cold_start_reason"] = CoresetStrategy(), str(exc)
+        count = inputs.pool_size if self.write_size == 0 else min(self.write_size, inputs.pool_size)
+        with timer("score"):
+            view = task.view(model, inputs)
+            ordered = self.order(strategy, view, count, seed, cold="cold_start_reason" in report)
+        report.update({"order": ordered.description, "strategy_options": strategy.describe()})
+        if hasattr(view, "no_box"):
+            report["no_box"] = view.no_box
+        with timer("write_back"):
+            results = task.prelabels(view, ordered.positions)
+            scores = rank_scores(len(ordered.positions))
+            predictions = [
+                {"task": int(inputs.pool_ids[int(i)]), "model_version": round_id, "score": score, "result": result}
+                for i, score, result in zip(ordered.positions, scores, results, strict=True)
+            ]
+            written = self.datastore.write(round_id, predictions)
+        report.update({
+            "model_version": round_id, "tasks_scored": inputs.pool_size, "written": written,
+            "top_tasks": [int(inputs.pool_ids[int(i)]) for i in ordered.positions[:20]],
+            "skipped": inputs.skipped, "notes": inputs.notes, **task.report(inputs),
+        })
+        if model is not None:
+            model.strategy = strategy.name
+            pool_keys = torch.sort(ordered.keys.double()).values if ordered.keys is not None else None
+            tensors, meta = task.save(model, pool_keys)
+        else:
+            tensors, meta = {}, {"kind": task.kind}
+        report["timings"] = timer.seconds
+        report["seconds"] = timer.total()
+        report["finished_at"] = datetime.now(UTC).isoformat()
+        self.store.commit(self.project_id, round_id, tensors, meta, report)
+        self.store.prune(self.project_id)
+        if model is not None:
+            task.committed(model)
+        log.info("project %s round %s (%s): %s labeled, %s scored, %s written, order %s, %.2f s", self.project_id,
+                 round_id, task.kind, report["labeled"], report["tasks_scored"], written, report["order"],
+                 report["seconds"])
+        if self.clean_up is not None and written:
+            self.clean_up(round_id)
+        return report
+
+    @staticmethod
+    def order(strategy: Strategy, view: Any, count: int, seed: int, cold: bool) -> Ordered:
+        if view.size == 0:
+            return Ordered(np.zeros(0, dtype=np.int64), None, "none (no unlabeled task)")
+        positions = np.asarray(strategy.order(view, count, seed), dtype=np.int64)
+        keys = strategy.keys(view)
+        if cold:
+            return Ordered(positions, keys, COLD_START_ORDER)
+        options = strategy.describe()
+        if isinstance(strategy, IsalStrategy):
+            reference = ("cross-fitted: every label is in the reference set once" if options["reference"] == "crossfit"
+                         else "influence on a held-out reference set")
+            return Ordered(positions, keys, f"{strategy.name}: {reference}")
+        return Ordered(positions, keys, f"{strategy.name} (baseline strategy)")

@@ -1,0 +1,125 @@
+"""The backend's round for a classification project on the offline datastore: no Label Studio, real images.
+
+What the round does with every kind of task (unlabeled, labeled, skipped by the annotator, labeled with
+a class the config lacks, a broken image), cold start, ISAL, the stream it serves, and the stored model
+that places new tasks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from isal_backend.bench.datasets import label_config, png_bytes
+from isal_backend.bench.offline import OfflineDatastore
+from isal_backend.jobs.entry import stored_predictions
+from isal_backend.labelstudio.config import ClassificationConfig
+from isal_backend.labelstudio.convert import prediction_result
+from isal_backend.round import Round
+from isal_backend.settings import Settings
+from isal_backend.store import ModelStore
+from isal_backend.tasks import TaskParts
+from isal_backend.tasks.classification import ClassificationTask
+
+CLASSES = ["red", "green", "blue"]
+CONFIG = ClassificationConfig("image", "image", "label", CLASSES)
+
+
+def colour_image(label: int, rng: np.random.Generator) -> bytes:
+    """A 24x24 noisy image whose dominant channel is its class: learnable from random-init features."""
+    pixels = rng.integers(0, 90, size=(24, 24, 3), dtype=np.uint8)
+    pixels[..., label] += rng.integers(100, 160, dtype=np.uint8)
+    return png_bytes(pixels)
+
+
+class Project:
+    def __init__(self, n: int = 60, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.truth = {i: int(i % 3) for i in range(1, n + 1)}
+        self.blobs = {f"img-{i}": colour_image(y, rng) for i, y in self.truth.items()}
+        self.blobs["img-broken"] = b"definitely not a png"
+        refs = {i: f"img-{i}" for i in self.truth} | {n + 1: "img-broken"}
+        self.datastore = OfflineDatastore(4, label_config("classification", CLASSES), refs, self.blobs.__getitem__)
+
+    def label(self, task_ids: Any, label: str | None = None) -> None:
+        """Annotate with the true class, or with ``label`` (which the config may not have)."""
+        for i in task_ids:
+            result = prediction_result(CONFIG, CLASSES[self.truth[i]])
+            result[0]["value"]["choices"] = [label or CLASSES[self.truth[i]]]
+            self.datastore.annotate(i, result)
+
+
+def settings(tmp_path: Path, **extra: Any) -> Settings:
+    return Settings(model_dir=tmp_path, backbone="small-cnn", feature_dim=16, **extra)
+
+
+def test_cold_start_then_isal_with_every_kind_of_task(tmp_path: Path) -> None:
+    project = Project()
+    store = ModelStore(tmp_path)
+    project.label(range(1, 7, 3))  # two labels, both green: nothing to learn from yet
+    cold = Round(4, project.datastore, store, settings(tmp_path)).run()
+    assert cold["order"].startswith("cold-start") and "1 class(es)" in cold["cold_start_reason"]
+    assert cold["written"] == cold["unlabeled"] == 58 and cold["labeled"] == 2
+    assert [s["task"] for s in cold["skipped"]] == [61] and "could not be loaded" in cold["skipped"][0]["reason"]
+    served = project.datastore.stream(1)[0]
+    assert project.datastore.prediction(served)["result"] == []  # no model yet: no pre-label
+    assert served == cold["top_tasks"][0]
+
+    project.label(range(2, 31))
+    project.datastore.annotate(40, [], skipped=True)  # the annotator skipped it
+    project.label([41], label="purple")  # a class the config does not have
+    report = Round(4, project.datastore, store, settings(tmp_path)).run()
+    assert report["order"].startswith("isal: cross-fitted") and report["influence_units"] == 5
+    assert report["labeled"] == 30 and report["validation_accuracy"] > 0.6
+    reasons = {s["task"]: s["reason"] for s in report["skipped"]}
+    assert "cancelled" in reasons[40] and "not in the label config" in reasons[41]
+    assert "could not be loaded" in reasons[61]
+    open_tasks = sorted(set(range(31, 61)) - {40, 41})
+    assert report["written"] == report["unlabeled"] == len(open_tasks)
+    stream = project.datastore.stream(len(open_tasks) + 5)
+    assert stream[: len(open_tasks)] == report["top_tasks"][:20] + stream[20 : len(open_tasks)]
+    assert 40 not in stream and 41 not in stream  # skipped tasks leave the stream
+    top = project.datastore.prediction(stream[0])
+    assert top["score"] == 0.0 and top["result"][0]["value"]["choices"][0] in CLASSES
+    assert report["timings"].keys() >= {"fetch_seconds", "features_seconds", "fit_seconds", "s_test_seconds",
+                                        "score_seconds", "write_back_seconds", "total_seconds"}
+
+    # The stored round places every pool task by its own influence score, exactly as the round ranked it.
+    stored = store.load(4)
+    assert stored is not None and stored.meta["kind"] == "classification" and stored.meta["strategy"] == "isal"
+    task = ClassificationTask(CONFIG, TaskParts(settings(tmp_path), 4, store.project_dir(4)))
+    model = task.load(stored)
+    pool = project.datastore.tasks_by_id(open_tasks)
+    predictions, skipped = stored_predictions(task, model, pool, project.datastore.image, stored.round_id)
+    assert skipped == [] and sorted(p["score"] for p in predictions) == pytest.approx(
+        [j / len(open_tasks) for j in range(len(open_tasks))], abs=1e-6)
+    # The model's pre-labels are right on most of these easy images.
+    correct = sum(p["result"][0]["value"]["choices"][0] == CLASSES[project.truth[p["task"]]] for p in predictions)
+    assert correct >= 0.8 * len(predictions)
+
+
+def test_a_round_again_on_the_same_state_gives_the_same_order_and_reuses_the_projection(tmp_path: Path) -> None:
+    project = Project(seed=1)
+    project.label(range(1, 25))
+    store = ModelStore(tmp_path)
+    first = Round(4, project.datastore, store, settings(tmp_path)).run()
+    second = Round(4, project.datastore, store, settings(tmp_path)).run()
+    assert first["top_tasks"] == second["top_tasks"]
+    assert first["projection"]["reused"] is False and second["projection"]["reused"] is True
+    assert second["warm_start"] is True and first["round_id"] != second["round_id"]
+
+
+def test_a_baseline_round_stores_its_keys_so_new_tasks_are_placed_by_them(tmp_path: Path) -> None:
+    project = Project(seed=2)
+    project.label(range(1, 25))
+    store = ModelStore(tmp_path)
+    report = Round(4, project.datastore, store, settings(tmp_path, strategy="margin"), write_size=5).run()
+    assert report["order"] == "margin (baseline strategy)" and report["written"] == 5
+    stored = store.load(4)
+    task = ClassificationTask(CONFIG, TaskParts(settings(tmp_path), 4, store.project_dir(4)))
+    pool = project.datastore.tasks_by_id(report["top_tasks"][:5])
+    predictions, _ = stored_predictions(task, task.load(stored), pool, project.datastore.image, stored.round_id)
+    assert [p["score"] for p in predictions] == pytest.approx([j / 36 for j in range(5)], abs=1e-6)  # 36 pool tasks
