@@ -7,7 +7,8 @@ round running or waiting, :class:`Reconciler` asks Label Studio when an annotati
 cheap request: :meth:`~isal_backend.labelstudio.client.LabelStudioClient.newest_annotation_update`) and
 compares it with the current round's report (``fetched_at``, the moment the round read Label Studio, or
 ``finished_at`` for rounds that do not record it). Newer annotations start a round; each annotation time
-starts at most one (a round that fails on them is not restarted every period).
+starts at most one (a round that fails on them is not restarted every period): what was acted on is
+remembered in memory (embedded) or in Redis (RQ, so that every worker knows).
 
 It runs in the RQ worker's sweeper (one worker per period, under a Redis lock) and in the embedded
 queue's own thread. Not caught: the deletion of a task's last annotation (the task then drops out of the
@@ -17,7 +18,7 @@ query); the next annotation, or an ANNOTATIONS_DELETED webhook that did arrive, 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,12 @@ def last_round_time(model_dir: str | Path, project_id: int) -> datetime | None:
 class Reconciler:
     """Starts a round for each project whose annotations are newer than its last round (see the module doc)."""
 
-    def __init__(self, settings: Settings, submit: Callable[[int], Any], busy: Callable[[int], bool]) -> None:
+    def __init__(self, settings: Settings, submit: Callable[[int], Any], busy: Callable[[int], bool],
+                 memory: MutableMapping[int, str] | None = None) -> None:
+        """``memory``: project -> the newest annotation time (ISO) a round was started for; a dict by default."""
         self.settings = settings
         self.submit, self.busy = submit, busy
-        self._acted: dict[int, datetime] = {}
+        self.memory: MutableMapping[int, str] = memory if memory is not None else {}
 
     def run_once(self) -> list[dict[str, Any]]:
         """Check every known project once; return the rounds it started."""
@@ -87,14 +90,39 @@ class Reconciler:
                 continue
             if newest is None or (last is not None and newest <= last):
                 continue
-            acted = self._acted.get(project_id)
+            acted = parse_time(self.memory.get(project_id))
             if acted is not None and newest <= acted:
                 continue
             self.submit(project_id)
-            self._acted[project_id] = newest
+            self.memory[project_id] = newest.isoformat()
             logger.warning("reconcile: project %s has annotations changed at %s, after its last round (%s): "
                            "starting a round (a webhook was missed)", project_id, newest.isoformat(),
                            last.isoformat() if last else "none")
             started.append({"project": project_id, "newest_annotation": newest.isoformat(),
                             "last_round": last.isoformat() if last else None})
         return started
+
+
+class RedisMemory(MutableMapping[int, str]):
+    """The reconciler's memory in a Redis hash, shared by every worker of the queue."""
+
+    def __init__(self, redis: Any, key: str) -> None:
+        self.redis, self.key = redis, key
+
+    def __getitem__(self, project_id: int) -> str:
+        value = self.redis.hget(self.key, int(project_id))
+        if value is None:
+            raise KeyError(project_id)
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def __setitem__(self, project_id: int, value: str) -> None:
+        self.redis.hset(self.key, int(project_id), value)
+
+    def __delitem__(self, project_id: int) -> None:
+        self.redis.hdel(self.key, int(project_id))
+
+    def __iter__(self) -> Iterator[int]:
+        return (int(k) for k in self.redis.hkeys(self.key))
+
+    def __len__(self) -> int:
+        return int(self.redis.hlen(self.key))

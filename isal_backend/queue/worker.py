@@ -26,7 +26,7 @@ from rq.scripts import release_lock
 
 from isal_backend.queue.base import ROUND
 from isal_backend.queue.journal import Journal
-from isal_backend.queue.reconcile import Reconciler
+from isal_backend.queue.reconcile import Reconciler, RedisMemory
 from isal_backend.queue.redis_queue import RedisCoalescer
 from isal_backend.settings import Settings, SettingsError, configure_logging
 
@@ -117,7 +117,8 @@ class Sweeper:
     def __init__(self, co: RedisCoalescer, settings: Settings) -> None:
         self.co, self.settings = co, settings
         self.journal = Journal.for_model_dir(settings.model_dir)
-        self.reconciler = Reconciler(settings, submit=lambda pid: co.submit(ROUND, pid), busy=self._busy)
+        self.reconciler = Reconciler(settings, submit=lambda pid: co.submit(ROUND, pid), busy=self._busy,
+                                     memory=RedisMemory(co.redis, f"{co.prefix}:reconciled"))
         self._next_reconcile = time.monotonic() + min(settings.reconcile_seconds, 10.0)
 
     def _busy(self, project_id: int) -> bool:
