@@ -40,7 +40,8 @@ class Canary:
                 canary.requests.append({"path": self.path, "authorization": self.headers.get("Authorization", "")})
                 time.sleep(delay_s)
                 pid = self.path.rstrip("/").rsplit("/", 1)[-1]
-                body = json.dumps({"id": int(pid)} if status == 200 and pid.isdigit() else {"detail": "no"}).encode()
+                answer = {"id": int(pid)} if status == 200 and pid.isdigit() else {"detail": "internal-secret-body"}
+                body = json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -128,6 +129,17 @@ def test_another_host_cannot_take_over_a_connected_project(app, label_studio):
         canary.close()
     creds = stored_project_credentials(_settings(app), project)
     assert (creds.url, creds.api_key) == (label_studio.url, label_studio.token)
+
+
+@pytest.mark.parametrize("status", [404, 500])
+def test_setup_never_reflects_what_a_host_answered(app, status):
+    """/setup is open without basic auth: it must not read internal hosts' answers out to its caller."""
+    canary = Canary(status=status)
+    try:
+        r = _setup(app, 9, canary.url, "t" * 40)
+        assert r.status_code == 400 and "internal-secret-body" not in r.get_data(as_text=True)
+    finally:
+        canary.close()
 
 
 def test_an_unreachable_host_is_a_400_with_the_fix(app):

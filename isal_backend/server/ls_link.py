@@ -120,13 +120,17 @@ def _verify(url: str, token: str, project_id: int) -> None:
                                 "tokens, set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a personal access "
                                 "token) instead") from None
     except LabelStudioAPIError as exc:
-        raise SetupRefused(400, f"{url} did not confirm project {project_id} with this token: {exc}") from None
-    except LabelStudioUnavailable as exc:
+        # Never the answer's body: /setup is open to anyone without basic auth, and must not become a way to
+        # read what some internal host answers.
+        status = f" (HTTP {exc.status_code})" if exc.status_code else ""
+        raise SetupRefused(400, f"{url} did not confirm project {project_id} with this token{status}") from None
+    except LabelStudioUnavailable:
         raise SetupRefused(400, f"cannot reach Label Studio at {url} to verify the access token for project "
-                                f"{project_id}: {exc}. Set Label Studio's HOST to an address this backend "
-                                "reaches, or set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY") from None
-    except (LabelStudioError, ValueError) as exc:
-        raise SetupRefused(400, f"cannot verify the access token with {url}: {exc}") from None
+                                f"{project_id} (connection failed, timed out or answered 5xx). Set Label Studio's "
+                                "HOST to an address this backend reaches, or set LABEL_STUDIO_URL and "
+                                "LABEL_STUDIO_API_KEY") from None
+    except (LabelStudioError, ValueError):
+        raise SetupRefused(400, f"cannot verify the access token with {url}") from None
 
 
 class ProjectLinks:
