@@ -121,6 +121,9 @@ def test_webhooks_while_redis_is_down_are_journaled_then_queued(stack) -> None:
     assert status == 200 and health["status"] == "UP" and health["queue_state"] == "degraded"
     assert health["queue_detail"]["journaled_events"] == 20 and "does not answer" in health["queue_detail"]["error"]
     assert Journal.for_model_dir(h.env["MODEL_DIR"]).pending() == 20
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    assert "isal_journaled_events 20.0" in metrics and "isal_queue_up 0.0" in metrics
     assert not any(r["project"] == 21 for r in h.records())
 
     private.start()
