@@ -92,6 +92,22 @@ class Settings:
     detection_image_size: int = 320
     detection_params: tuple[str, ...] = KNOWN_DETECTION_PARAMS
     detection_cache_mb: int = 2048
+    #: Largest request body the server reads (413 above it): a huge body costs several times its size in memory.
+    max_body_mb: int = 100
+    #: How often workers compare each project's newest annotation with its last round (0: never).
+    reconcile_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        if (self.label_studio_url is None) != (self.label_studio_api_key is None):
+            given, missing = ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY") if self.label_studio_api_key is None else (
+                "LABEL_STUDIO_API_KEY", "LABEL_STUDIO_URL")
+            # A key without its URL would go to whatever host a /setup call names; a URL without its key would
+            # pair with a token that /setup received from elsewhere.
+            raise SettingsError(
+                f"{given} is set but {missing} is not: set both LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (the key "
+                "is then only ever sent to that URL), or neither (each project then uses the host and token that "
+                "Label Studio's /setup call sends, stored once Label Studio accepts them)"
+            )
 
     def __repr__(self) -> str:
         shown = []
@@ -128,9 +144,11 @@ class Settings:
                 f"{missing} is not set but {'BASIC_AUTH_USER' if password is None else 'BASIC_AUTH_PASS'} is: "
                 "set both BASIC_AUTH_USER and BASIC_AUTH_PASS to enable basic auth, or neither to disable it"
             )
+        ls_url = r.http_url("LABEL_STUDIO_URL")
+        ls_key = r.optional_str("LABEL_STUDIO_API_KEY", secret=True)
         return cls(
-            label_studio_url=r.http_url("LABEL_STUDIO_URL"),
-            label_studio_api_key=r.optional_str("LABEL_STUDIO_API_KEY", secret=True),
+            label_studio_url=ls_url,
+            label_studio_api_key=ls_key,
             redis_url=r.redis_url("REDIS_URL"),
             model_dir=Path(r.optional_str("MODEL_DIR") or "./models"),
             basic_auth_user=user,
@@ -169,6 +187,8 @@ class Settings:
             detection_params=r.choice_list("ISAL_DETECTION_PARAMS", KNOWN_DETECTION_PARAMS),
             detection_cache_mb=r.integer("ISAL_DETECTION_CACHE_MB", 2048, minimum=0,
                                          hint="disk budget per project for the detector's body outputs; 0 keeps none"),
+            max_body_mb=r.integer("ISAL_MAX_BODY_MB", 100, minimum=1, hint="megabytes per request body"),
+            reconcile_seconds=r.seconds("ISAL_RECONCILE_SECONDS", 60.0),
         )
 
 
@@ -247,6 +267,16 @@ class _Reader:
         number = _as_float(value)
         if not number > 0 or number == float("inf"):
             raise self._fail(name, value, f"is not {unit}", f"set it to e.g. {default:g}")
+        return number
+
+    def seconds(self, name: str, default: float) -> float:
+        """A non-negative, finite number of seconds (0 turns the periodic thing off)."""
+        value = self._raw(name)
+        if value is None:
+            return default
+        number = _as_float(value)
+        if not 0 <= number < float("inf"):
+            raise self._fail(name, value, "is not a number of seconds >= 0", f"set it to e.g. {default:g} (0: off)")
         return number
 
     def fraction(self, name: str, default: float) -> float:
@@ -352,28 +382,33 @@ def save_project_credentials(settings: Settings, project_id: int, hostname: str,
     return path
 
 
-def project_credentials(settings: Settings, project_id: int) -> LabelStudioCredentials:
-    """LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY when set, else what /setup stored for this project."""
-    url, key = settings.label_studio_url, settings.label_studio_api_key
-    if url is None or key is None:
-        path = _credentials_path(settings, project_id)
-        try:
-            stored = json.loads(path.read_text())
-        except FileNotFoundError:
-            stored = {}
-        url = url or (stored.get("hostname") or None)
-        key = key or (stored.get("access_token") or None)
-    if not url:
-        raise SettingsError(
-            f"LABEL_STUDIO_URL is not set and project {project_id} has no stored hostname: set LABEL_STUDIO_URL "
-            "or connect the backend to the project in Label Studio (its /setup call stores it)"
-        )
-    if not key:
-        raise SettingsError(
-            f"LABEL_STUDIO_API_KEY is not set and project {project_id} has no stored access token: set "
-            "LABEL_STUDIO_API_KEY or connect the backend to the project in Label Studio (its /setup call stores it)"
-        )
+def stored_project_credentials(settings: Settings, project_id: int) -> LabelStudioCredentials | None:
+    """What /setup stored for the project (verified with Label Studio before it was written), if anything."""
+    try:
+        stored = json.loads(_credentials_path(settings, project_id).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    url, key = stored.get("hostname"), stored.get("access_token")
+    if not isinstance(url, str) or not url or not isinstance(key, str) or not key:
+        return None
     return LabelStudioCredentials(url=url.rstrip("/"), api_key=key)
+
+
+def project_credentials(settings: Settings, project_id: int) -> LabelStudioCredentials:
+    """LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY when set, else what /setup stored for this project.
+
+    Never a mix of the two: the environment's key only ever goes to the environment's URL.
+    """
+    if settings.label_studio_url is not None and settings.label_studio_api_key is not None:
+        return LabelStudioCredentials(url=settings.label_studio_url.rstrip("/"), api_key=settings.label_studio_api_key)
+    stored = stored_project_credentials(settings, project_id)
+    if stored is None:
+        raise SettingsError(
+            f"project {project_id} has no Label Studio credentials: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are "
+            "not set and no /setup call stored a host and token that Label Studio accepted; connect the backend to "
+            "the project in Label Studio (Settings > Model), or set both variables"
+        )
+    return stored
 
 
 def configure_logging(settings: Settings) -> None:

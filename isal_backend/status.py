@@ -121,6 +121,25 @@ def record_round(project_id: int, report: dict[str, Any], settings: Settings | N
     _update(_store(settings), project_id, "last_round", report)
 
 
+def without_traceback(error: str) -> str:
+    """The message of an error text: a Python traceback is cut to its last line (tracebacks stay in the log).
+
+    Queues pass messages already; this also cleans what older versions stored, before it is served.
+    """
+    if "Traceback (most recent call last)" not in error:
+        return error
+    lines = [line for line in error.strip().splitlines() if line.strip() and not line.startswith((" ", "\t"))]
+    return lines[-1].strip() if lines else "error (see the server log)"
+
+
+def _clean(status: dict[str, Any]) -> dict[str, Any]:
+    for name in ("last_job", "last_failure"):
+        entry = status.get(name)
+        if isinstance(entry, dict) and isinstance(entry.get("error"), str):
+            status[name] = {**entry, "error": without_traceback(entry["error"])}
+    return status
+
+
 def record_job_outcome(
     project_id: int,
     kind: str,
@@ -131,10 +150,13 @@ def record_job_outcome(
     store: StatusStore | None = None,
     **extra: Any,
 ) -> None:
-    """The queue records each job's end here (both queues, one :class:`Outcome` vocabulary)."""
+    """The queue records each job's end here (both queues, one :class:`Outcome` vocabulary).
+
+    ``error`` is the failure's message (served by /status): a traceback passed here is cut to its last line.
+    """
     entry = {"kind": kind, "job_id": job_id, "outcome": str(outcome), "at": time.time(), **extra}
     if error:
-        entry["error"] = error[-2000:]
+        entry["error"] = without_traceback(error)[:2000]
     store = store or _store(settings)
     _update(store, project_id, "last_job", entry)
     if Outcome(outcome).is_failure:
@@ -148,7 +170,7 @@ def last_rounds(settings: Settings | None = None) -> dict[int, dict[str, Any]]:
 
 def project_status(project_id: int, settings: Settings | None = None) -> dict[str, Any]:
     """Everything known about one project: ``last_round``, ``last_job``, ``last_failure`` (each optional)."""
-    return _read_all(_store(settings)).get(int(project_id), {})
+    return _clean(_read_all(_store(settings)).get(int(project_id), {}))
 
 
 def all_status(settings: Settings | None = None) -> dict[int, dict[str, Any]]:

@@ -72,6 +72,16 @@ def crash_round(project_id: int) -> None:
     raise RuntimeError(f"deliberate crash for project {project_id}")
 
 
+def refused_round(project_id: int) -> None:
+    """Asks the real Label Studio at ISAL_TEST_LS_URL for the project with a key it refuses (401)."""
+    from isal_backend.labelstudio.client import LabelStudioClient
+
+    ctx = current_job()
+    _record(event="refused", project=project_id, job_id=ctx.job_id if ctx else None, at=time.time())
+    with LabelStudioClient(os.environ["ISAL_TEST_LS_URL"], "0" * 40, retries=0) as client:
+        client.get_project(project_id)
+
+
 def slow_round(project_id: int) -> None:
     """Runs for ISAL_TEST_SLOW_S (default 60 s) unless the worker is killed; records start and end."""
     ctx = current_job()

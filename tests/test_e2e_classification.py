@@ -64,7 +64,7 @@ class Stack:
         self.model_dir = tmp / "models"
         prefix = f"isal-e2e-{uuid.uuid4().hex[:8]}"
         self.env = backend_env(self.model_dir, "redis://127.0.0.1:6379/0", {
-            "LABEL_STUDIO_URL": ls.url,  # the key comes from /setup's access_token
+            # No LABEL_STUDIO_URL/_API_KEY: host and token come from /setup, verified with Label Studio
             "ISAL_WRITE_TOP_M": str(TOP_M),
             "ISAL_REDIS_PREFIX": prefix,
             "RQ_QUEUE": prefix,

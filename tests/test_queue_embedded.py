@@ -77,12 +77,40 @@ def test_embedded_crash_is_retried_then_reported(tmp_path):
         store = StatusStore(redis=None, prefix="", folder=Path(tmp_path) / "status")
         status = _read(store, 4)
         assert status["last_failure"]["outcome"] == "failed" and status["last_failure"]["attempt"] == 3
+        assert status["last_failure"]["error"] == "RuntimeError: deliberate crash for project 4"  # no traceback
         snap = co.snapshot()
         assert snap["jobs"]["failed"] == 1 and snap["jobs"]["retrying"] == 2
         assert "pend_round" not in snap["projects"][4] and "run_id" not in snap["projects"][4]
         co.close()
     finally:
         for key in ("ISAL_TEST_RECORD_URL", "ISAL_TEST_RECORD_KEY"):
+            os.environ.pop(key, None)
+        h.stop()
+
+
+def test_embedded_key_refused_by_label_studio_fails_at_once(tmp_path, label_studio):
+    """A 401 from the real Label Studio: no retry, the message (with the fix) in the status (issue 10, item 9)."""
+    h = Harness(str(tmp_path))
+    keys = {name: h.env[name] for name in ("ISAL_TEST_RECORD_URL", "ISAL_TEST_RECORD_KEY")}
+    keys["ISAL_TEST_LS_URL"] = label_studio.url
+    try:
+        os.environ.update(keys)
+        co = EmbeddedCoalescer(
+            targets={ROUND: "tests.jobs_for_tests.refused_round", "score": "tests.jobs_for_tests.noop_scoring"},
+            status_folder=Path(tmp_path) / "status", retries=3, backoff=(0,),
+        )
+        sub = co.submit(ROUND, 6)
+        deadline = time.time() + 30
+        while not co.idle() and time.time() < deadline:
+            time.sleep(0.05)
+        assert [r["job_id"] for r in h.records() if r["event"] == "refused"] == [sub.job_id]
+        failure = _read(StatusStore(redis=None, prefix="", folder=Path(tmp_path) / "status"), 6)["last_failure"]
+        assert failure["attempt"] == 1 and failure["error"].startswith("LabelStudioAuthError: ")
+        assert "HTTP 401" in failure["error"] and "Fix:" in failure["error"] and "Traceback" not in failure["error"]
+        assert co.snapshot()["jobs"]["failed"] == 1 and co.snapshot()["jobs"]["retrying"] == 0
+        co.close()
+    finally:
+        for key in keys:
             os.environ.pop(key, None)
         h.stop()
 

@@ -75,7 +75,8 @@ def test_burst_of_500_webhooks_for_3_projects_loses_nothing(harness, record_prop
         assert int(state.get("absorbed_round", 0)) + len(runs) >= n_events - 1
 
     # /metrics on the same Redis reports the rounds and never a secret
-    app = create_app(Settings.from_env({**h.env, "LABEL_STUDIO_API_KEY": "sekrit-key-123"}))
+    app = create_app(Settings.from_env({**h.env, "LABEL_STUDIO_URL": "http://127.0.0.1:9",
+                                        "LABEL_STUDIO_API_KEY": "sekrit-key-123"}))
     text = app.test_client().get("/metrics").data.decode()
     assert 'isal_project_events_total{kind="round",project="1"} 167.0' in text
     assert "sekrit-key-123" not in text
@@ -96,7 +97,7 @@ def test_crashing_job_is_retried_then_reported(harness):
     settings = Settings.from_env(h.env)
     status = project_status(7, settings)
     assert status["last_failure"]["outcome"] == "failed"
-    assert "deliberate crash" in status["last_failure"]["error"]
+    assert status["last_failure"]["error"] == "RuntimeError: deliberate crash for project 7"  # no traceback
     state = h.project_state(7)
     assert "run_id" not in state and "pend_round" not in state, "a failed job must not wedge the project"
     assert state["n_failed_round"] == "1" and state["n_retrying_round"] == "2"
@@ -108,12 +109,32 @@ def test_crashing_job_is_retried_then_reported(harness):
     assert 'isal_project_job_ends_total{kind="round",outcome="failed",project="7"} 1.0' in text
     body = app.test_client().get("/status/7").get_json()
     assert body["last_failure"]["job_id"] == sub.job_id
+    assert "Traceback" not in json.dumps(body) and 'File \\"' not in json.dumps(body)
     app.config["ISAL_STATE"].coalescer.close()
 
     # the project is not wedged: the next event runs a new job (which crashes again, as configured)
     again = co.submit(ROUND, 7)
     assert again.state == "enqueued" and again.job_id != sub.job_id
     _wait_for(lambda: any(r["job_id"] == again.job_id for r in h.records()), 30, "the next job to run")
+
+
+def test_a_key_label_studio_refuses_fails_at_once_without_retries(harness, label_studio):
+    """A 401 is not transient: the job fails on its first attempt, with the fix in the message (issue 10, item 9)."""
+    h = harness
+    h.env.update(ISAL_ROUND_JOB="tests.jobs_for_tests.refused_round", ISAL_JOB_RETRIES="3",
+                 ISAL_RETRY_BACKOFF="1", ISAL_TEST_LS_URL=label_studio.url)
+    h.start_worker(f"w-{h.tag}")
+    co = _coalescer(h)
+    sub = co.submit(ROUND, 12)
+    _wait_for(lambda: sub.job_id in co.queue.failed_job_registry.get_job_ids(), 60, "the job to fail")
+    time.sleep(2.5)  # a retry (1 s backoff) would have run by now
+    assert [r["job_id"] for r in h.records() if r["event"] == "refused"] == [sub.job_id]
+    failure = project_status(12, Settings.from_env(h.env))["last_failure"]
+    assert failure["outcome"] == "failed" and failure["error"].startswith("LabelStudioAuthError: ")
+    assert "HTTP 401" in failure["error"] and "Fix: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY" in failure["error"]
+    state = h.project_state(12)
+    assert state["n_failed_round"] == "1" and "n_retrying_round" not in state
+    assert co.queue.scheduled_job_registry.count == 0
 
 
 def test_worker_killed_mid_job_is_recovered_by_the_sweeper(harness):
@@ -134,6 +155,28 @@ def test_worker_killed_mid_job_is_recovered_by_the_sweeper(harness):
     status = project_status(9, Settings.from_env(h.env))
     assert status["last_failure"]["outcome"] == "lost" and status["last_failure"]["job_id"] == first.job_id
     assert int(h.project_state(9)["lost_running"]) >= 1
+
+
+def test_retries_run_on_time_after_the_scheduler_holder_is_killed(harness):
+    """RQ's scheduler lock of a killed worker lives 61 s and others only try for it every 10 minutes: retries
+    stalled for over 10 minutes. Now a surviving worker takes the dead holder's lock within seconds."""
+    h = harness
+    h.env.update(ISAL_ROUND_JOB="tests.jobs_for_tests.crash_round", ISAL_JOB_RETRIES="1", ISAL_RETRY_BACKOFF="3")
+    lock = f"rq:scheduler-lock:{h.env['RQ_QUEUE']}"
+    holder = h.start_worker(f"holder-{h.tag}")
+    dead_name = _wait_for(lambda: h.redis.get(lock), 90, "the first worker to take the scheduler lock")
+    h.start_worker(f"other-{h.tag}")
+    _wait_for(lambda: h.redis.exists(f"rq:worker:other-{h.tag}"), 90, "the second worker to start")
+    h.kill(holder, signal.SIGKILL)
+    assert h.redis.get(lock) == dead_name  # the dead worker's lock outlives it
+    co = _coalescer(h)
+    sub = co.submit(ROUND, 13)
+    crashes = _wait_for(lambda: (c := [r for r in h.records() if r["event"] == "crash"]) and len(c) >= 2 and c, 40,
+                        "the retry to run (it waits for a scheduler)")
+    assert [c["job_id"] for c in crashes] == [sub.job_id] * 2
+    assert crashes[1]["at"] - crashes[0]["at"] < 3 + 12  # its 3 s backoff, plus at most the takeover
+    assert h.redis.get(lock) != dead_name
+    _wait_for(lambda: h.project_state(13).get("n_failed_round") == "1", 30, "the job to fail for good")
 
 
 def test_worker_killed_mid_job_next_event_takes_over_with_plain_rq_worker(harness):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import stat
 from pathlib import Path
 
 import pytest
@@ -43,24 +42,15 @@ def test_health(app_settings):
     assert r.status_code == 200 and r.get_json()["status"] == "UP"
 
 
-def test_setup_stores_credentials_0600_and_answers_a_version(app_settings):
-    app, settings = app_settings
-    r = app.test_client().post("/setup", json=body("ml_setup"))
-    assert r.status_code == 200 and r.get_json() == {"model_version": "initial"}
-    path = settings.model_dir / "projects" / "1" / "credentials.json"
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    creds = project_credentials(settings, 1)
-    assert creds.url == "http://localhost:8080" and creds.api_key == TOKEN
-    assert TOKEN not in repr(creds)
-    assert (settings.model_dir / "projects" / "1" / "label_config.xml").read_text().startswith("<View>")
-
-
 def test_setup_does_not_store_a_token_when_one_is_configured(tmp_path):
     app, settings = make(tmp_path, label_studio_url="http://ls:8080", label_studio_api_key="env-key")
-    assert app.test_client().post("/setup", json=body("ml_setup")).status_code == 200
+    for hostname in ("http://localhost:8080", "http://attacker.example:9"):
+        r = app.test_client().post("/setup", json={**body("ml_setup"), "hostname": hostname})
+        assert r.status_code == 200 and r.get_json()["credentials"] == "environment"
     assert not (settings.model_dir / "projects" / "1" / "credentials.json").exists()
-    assert project_credentials(settings, 1).api_key == "env-key"
-    app.config["ISAL_STATE"].coalescer.close()
+    creds = project_credentials(settings, 1)
+    assert (creds.url, creds.api_key) == ("http://ls:8080", "env-key")  # the request's hostname is never used
+    app.config["ISAL_STATE"].close()
 
 
 @pytest.mark.parametrize(
@@ -92,8 +82,8 @@ def test_predict_validates_and_reports_a_missing_backend(app_settings):
         {"result": [], "score": 0.5, "model_version": "none"} for _ in sent]
 
 
-def test_versions_get_and_post_and_metrics_show_the_last_round(app_settings):
-    app, settings = app_settings
+def test_versions_get_and_post_and_metrics_show_the_last_round(tmp_path):
+    app, settings = make(tmp_path, label_studio_url="http://127.0.0.1:9", label_studio_api_key="k")
     c = app.test_client()
     assert c.get("/versions").get_json()["versions"] == []
     record_round(3, {"model_version": "round-3-abc", "tasks_scored": 1000,
@@ -105,7 +95,8 @@ def test_versions_get_and_post_and_metrics_show_the_last_round(app_settings):
     assert 'isal_last_round_tasks_scored{project="3"} 1000.0' in text
     assert 'isal_last_round_seconds{phase="train_s",project="3"} 2.5' in text
     assert c.get("/metrics").headers["Content-Type"].startswith("text/plain")
-    assert c.post("/setup", json={**body("ml_setup"), "project": "3.1"}).get_json() == {"model_version": "round-3-abc"}
+    assert c.post("/setup", json={**body("ml_setup"), "project": "3.1"}).get_json()["model_version"] == "round-3-abc"
+    app.config["ISAL_STATE"].close()
 
 
 def _auth(user: str, password: str) -> dict:
@@ -131,8 +122,8 @@ def test_basic_auth_on_every_route_but_health(tmp_path):
 
 def test_no_secret_in_any_answer_or_log(tmp_path, caplog):
     secrets = ["env-api-key-XYZ", "basic-pass-XYZ", TOKEN, PROJECT_TOKEN]
-    app, settings = make(tmp_path, label_studio_api_key="env-api-key-XYZ", basic_auth_user="u",
-                         basic_auth_pass="basic-pass-XYZ")
+    app, settings = make(tmp_path, label_studio_url="http://127.0.0.1:9", label_studio_api_key="env-api-key-XYZ",
+                         basic_auth_user="u", basic_auth_pass="basic-pass-XYZ")
     c = app.test_client()
     headers = _auth("u", "basic-pass-XYZ")
     caplog.set_level(logging.DEBUG)

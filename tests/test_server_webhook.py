@@ -73,7 +73,7 @@ def _mutate(name: str, fn) -> dict:
 
 
 BAD = [
-    ("not json", b"{not json", "JSON object"),
+    ("not json", b"{not json", "not valid JSON"),
     ("json list", b"[1, 2]", "JSON object"),
     ("no action", json.dumps({"project": {"id": 1}}).encode(), "'action'"),
     ("unknown action", json.dumps({"action": "ANNOTATION_DELETED", "project": {"id": 1}}).encode(), "unknown action"),

@@ -64,6 +64,9 @@ def test_every_variable_is_read():
         ("ISAL_ROUND_JOB", "run_round", "dotted path"),
         ("ISAL_LEASE_SECONDS", "0", "positive"),
         ("ISAL_RETRY_BACKOFF", "1,x", "comma-separated"),
+        ("ISAL_MAX_BODY_MB", "0", ">= 1"),
+        ("ISAL_RECONCILE_SECONDS", "-1", ">= 0"),
+        ("ISAL_RECONCILE_SECONDS", "inf", ">= 0"),
     ],
 )
 def test_bad_values_name_variable_value_and_fix(name, value, fix):
@@ -71,6 +74,36 @@ def test_bad_values_name_variable_value_and_fix(name, value, fix):
         Settings.from_env({name: value})
     message = str(err.value)
     assert name in message and repr(value) in message and fix in message
+
+
+@pytest.mark.parametrize(("given", "value"),
+                         [("LABEL_STUDIO_URL", "http://ls:8080"), ("LABEL_STUDIO_API_KEY", "key-789")])
+def test_label_studio_url_and_key_are_set_together(given, value):
+    """A key without its URL would go to whatever host /setup names (issue 10, item 1)."""
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({given: value})
+    message = str(err.value)
+    assert "LABEL_STUDIO_URL" in message and "LABEL_STUDIO_API_KEY" in message and "both" in message
+    assert "key-789" not in message
+    with pytest.raises(SettingsError):
+        Settings(**({"label_studio_url": value} if given == "LABEL_STUDIO_URL" else {"label_studio_api_key": value}))
+
+
+def test_the_environment_key_never_pairs_with_a_stored_host(tmp_path):
+    """With both variables set the stored file is ignored; without them, the stored pair is used whole."""
+    plain = Settings.from_env({"MODEL_DIR": str(tmp_path)})
+    save_project_credentials(plain, 6, "http://stored-host:8080", "stored-token")
+    env = Settings.from_env({"MODEL_DIR": str(tmp_path), "LABEL_STUDIO_URL": "http://env-host",
+                             "LABEL_STUDIO_API_KEY": "env-key"})
+    assert (project_credentials(env, 6).url, project_credentials(env, 6).api_key) == ("http://env-host", "env-key")
+    assert (project_credentials(plain, 6).url, project_credentials(plain, 6).api_key) == (
+        "http://stored-host:8080", "stored-token")
+
+
+def test_body_limit_and_reconciliation_period_are_read():
+    s = Settings.from_env({"ISAL_MAX_BODY_MB": "5", "ISAL_RECONCILE_SECONDS": "0"})
+    assert (s.max_body_mb, s.reconcile_seconds) == (5, 0.0)
+    assert (Settings.from_env({}).max_body_mb, Settings.from_env({}).reconcile_seconds) == (100, 60.0)
 
 
 def test_settings_error_is_a_value_error_for_the_cli():
@@ -84,7 +117,8 @@ def test_secrets_never_in_errors_or_repr():
     with pytest.raises(SettingsError) as err:
         Settings.from_env({"REDIS_URL": "http://:redispw@host:6379"})
     assert "redispw" not in str(err.value)
-    s = Settings.from_env({"LABEL_STUDIO_API_KEY": "key-123", "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "pw-456",
+    s = Settings.from_env({"LABEL_STUDIO_URL": "http://ls:8080", "LABEL_STUDIO_API_KEY": "key-123",
+                           "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "pw-456",
                            "REDIS_URL": "redis://:redispw@host:6379/0"})
     for text in (repr(s), str(s), f"{s}"):
         assert "key-123" not in text and "pw-456" not in text and "redispw" not in text and "***" in text

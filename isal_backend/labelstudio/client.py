@@ -49,6 +49,16 @@ class LabelStudioAPIError(LabelStudioError):
         self.status_code = status_code
 
 
+class LabelStudioAuthError(LabelStudioAPIError):
+    """Label Studio answered 401 or 403: the key is wrong, expired, of a disabled kind, or lacks permission.
+
+    Not transient: repeating the request cannot help, so queue jobs that raise it fail at once, without
+    retries (``retryable``), and the message says what to fix.
+    """
+
+    retryable = False
+
+
 class PredictionsDropped(LabelStudioError):
     """LS answered 201 but created fewer predictions than sent (it silently drops invalid items)."""
 
@@ -92,8 +102,8 @@ class LabelStudioClient:
         try:
             self._sdk = LabelStudio(base_url=self.url, api_key=self._api_key, timeout=timeout, max_retries=0)
         except ApiError as exc:  # the sdk checks a JWT key's expiry up front
-            raise LabelStudioAPIError(f"Label Studio API key refused: {_body_text(exc.body)}",
-                                      exc.status_code) from None
+            raise LabelStudioAuthError(f"Label Studio API key refused: {_body_text(exc.body)}. {AUTH_FIX}",
+                                       exc.status_code) from None
         self._public_http = httpx.Client(timeout=timeout, follow_redirects=True)
 
     def __repr__(self) -> str:
@@ -220,6 +230,57 @@ class LabelStudioClient:
             deleted += int(body.get("deleted_predictions") or 0)
         return deleted
 
+    def verify_project_access(self, project_id: int) -> dict[str, Any]:
+        """Prove that this server is a Label Studio that accepts the key for ``project_id``; return the project.
+
+        One GET of the project (a personal access token is exchanged first, by the sdk). Raises
+        LabelStudioAuthError (401/403), LabelStudioAPIError (another 4xx, or an answer that is not this
+        project) or LabelStudioUnavailable; never returns for a server that did not answer as Label Studio.
+        """
+        try:
+            project = self._json("GET", f"api/projects/{int(project_id)}/", f"read project {project_id}")
+        except ValueError:  # not JSON: whatever answered is not Label Studio's API
+            raise LabelStudioAPIError(f"{self.url} did not answer as Label Studio (not JSON) for project "
+                                      f"{project_id}") from None
+        if not isinstance(project, dict) or project.get("id") != int(project_id):
+            raise LabelStudioAPIError(f"{self.url} did not answer with project {project_id}")
+        return project
+
+    def list_ml_backends(self, project_id: int) -> list[dict[str, Any]]:
+        """The ML backends connected to the project (url, auth_method, basic_auth_user; never the password)."""
+        body = self._json("GET", "api/ml/", f"list ML backends of project {project_id}", params={"project": project_id})
+        return [b for b in body if isinstance(b, dict)] if isinstance(body, list) else []
+
+    def list_webhooks(self, project_id: int) -> list[dict[str, Any]]:
+        """The project's webhooks (url, headers, ...)."""
+        body = self._json("GET", "api/webhooks/", f"list webhooks of project {project_id}",
+                          params={"project": project_id})
+        return [w for w in body if isinstance(w, dict)] if isinstance(body, list) else []
+
+    def set_webhook_headers(self, webhook_id: int, headers: Mapping[str, str]) -> dict[str, Any]:
+        """Replace a webhook's extra request headers (Label Studio sends them with every event)."""
+        return self._json("PATCH", f"api/webhooks/{int(webhook_id)}/", f"update webhook {webhook_id}",
+                          json_body={"headers": dict(headers)})
+
+    def newest_annotation_update(self, project_id: int) -> str | None:
+        """When an annotation of the project last changed (ISO-8601), or None when no task is annotated.
+
+        One Data Manager page of one task: tasks with an annotation, newest ``updated_at`` first (Label Studio
+        bumps a task's ``updated_at`` on every annotation save and delete). Measured on 2,000 tasks: 50-75 ms,
+        like a GET of the project. Predictions bump it too, but rounds write predictions to unlabeled tasks only,
+        which this filter leaves out. A task whose last annotation was deleted drops out of it as well.
+        """
+        query = {"filters": {"conjunction": "and", "items": [
+            {"filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}]},
+            "ordering": ["-tasks:updated_at"]}
+        body = self._json("GET", "api/tasks/", f"read the newest annotated task of project {project_id}",
+                          params={"project": project_id, "page_size": 1, "include": "id,updated_at",
+                                  "query": json.dumps(query)})
+        rows = body.get("tasks") if isinstance(body, dict) else None
+        if not rows or not isinstance(rows[0], dict) or not isinstance(rows[0].get("updated_at"), str):
+            return None
+        return rows[0]["updated_at"]
+
     # ---------------------------------------------------------------- images
 
     def download(self, url_or_path: str) -> bytes:
@@ -300,8 +361,8 @@ class LabelStudioClient:
             except ApiError as exc:
                 status = exc.status_code or 0
                 if status < 500:
-                    raise LabelStudioAPIError(self._scrub(_status_message(status, _body_text(exc.body), what)),
-                                              status) from None
+                    kind = LabelStudioAuthError if status in (401, 403) else LabelStudioAPIError
+                    raise kind(self._scrub(_status_message(status, _body_text(exc.body), what)), status) from None
                 last = f"HTTP {status}: {_body_text(exc.body)}"
                 retry = idempotent
             except _TransientStatus as exc:
@@ -342,11 +403,17 @@ def _raise_for_status(status: int, body: str, what: str) -> None:
     raise ApiError(status_code=status, body=body)
 
 
+AUTH_FIX = ("Fix: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to a working key (a personal access token, or a "
+            "legacy token where the organization enables them), or reconnect the backend to the project in Label "
+            "Studio so that /setup stores a token it accepts; retrying cannot help")
+
+
 def _status_message(status: int, body: str, what: str) -> str:
-    hint = {401: " (authentication failed: check the API key; legacy tokens only work when the organization "
-                 "enables them, otherwise use a personal access token)",
-            403: " (the key's user lacks permission)", 404: " (not found)"}.get(status, "")
-    return f"Label Studio refused to {what}: HTTP {status}{hint}: {body[:300]}"
+    hint = {401: " (authentication failed: the key is wrong or expired, or a legacy token where the organization "
+                 "disables them)",
+            403: " (the key's user lacks permission for this)", 404: " (not found)"}.get(status, "")
+    fix = f". {AUTH_FIX}" if status in (401, 403) else ""
+    return f"Label Studio refused to {what}: HTTP {status}{hint}: {body[:300]}{fix}"
 
 
 def _body_text(body: Any) -> str:
@@ -403,6 +470,7 @@ def _decode_data_url(ref: str, where: str) -> bytes:
 __all__ = [
     "DownloadError",
     "LabelStudioAPIError",
+    "LabelStudioAuthError",
     "LabelStudioClient",
     "LabelStudioError",
     "LabelStudioUnavailable",

@@ -50,6 +50,28 @@ class Coalescer(Protocol):
     def close(self) -> None: ...
 
 
+def is_retryable(exc: BaseException) -> bool:
+    """False when the error, or one it was raised from, says that repeating the job cannot help.
+
+    An exception class opts out with ``retryable = False`` (e.g. Label Studio refusing the key with 401/403:
+    the fix is a new key, not a retry in 10 s, 60 s and 300 s). Both queues then fail the job at once.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if getattr(current, "retryable", True) is False:
+            return False
+        current = current.__cause__ or current.__context__
+    return True
+
+
+def failure_message(exc: BaseException) -> str:
+    """What a job failure is reported as in answers (/status, /metrics): type and message, no traceback."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 _targets: dict[str, Callable[..., Any]] = {}
 
 

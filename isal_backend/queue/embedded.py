@@ -12,13 +12,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from isal_backend.queue.base import KINDS, ROUND, SCORE, Outcome, Submission, resolve
+from isal_backend.queue.base import KINDS, ROUND, SCORE, Outcome, Submission, failure_message, is_retryable, resolve
 from isal_backend.queue.context import JobContext, reset_current_job, set_current_job
 from isal_backend.settings import Settings
 from isal_backend.status import StatusStore, record_job_outcome
@@ -54,7 +53,10 @@ class EmbeddedCoalescer:
         status_folder: Path,
         retries: int = 3,
         backoff: tuple[int, ...] = (10, 60, 300),
+        reconcile: Settings | None = None,
     ) -> None:
+        """``reconcile``: the settings to reconcile projects with (a thread checks them every
+        ``reconcile_seconds``; see :mod:`isal_backend.queue.reconcile`), or None for no reconciliation."""
         self.targets = targets
         self.store = StatusStore(redis=None, prefix="", folder=status_folder)
         self.retries, self.backoff = retries, tuple(backoff) or (0,)
@@ -62,6 +64,8 @@ class EmbeddedCoalescer:
         self._items: list[_Item] = []
         self._projects: dict[int, _Project] = {}
         self._thread: threading.Thread | None = None
+        self._reconcile_settings = reconcile if reconcile is not None and reconcile.reconcile_seconds > 0 else None
+        self._reconcile_thread: threading.Thread | None = None
         self._closed = False
         self.jobs = dict.fromkeys((Outcome.SUCCEEDED, Outcome.FAILED, Outcome.RETRYING, Outcome.SUPERSEDED), 0)
 
@@ -72,6 +76,7 @@ class EmbeddedCoalescer:
             status_folder=Path(settings.model_dir) / "status",
             retries=settings.job_retries,
             backoff=settings.retry_backoff,
+            reconcile=settings,
         )
 
     def submit(self, kind: str, project_id: int, task_ids: list[int] | None = None) -> Submission:
@@ -93,10 +98,44 @@ class EmbeddedCoalescer:
             self._lock.notify_all()
             return Submission(kind, pid, job_id, "enqueued", proj.events[kind])
 
+    def ensure_started(self) -> None:
+        """Start the worker and reconciliation threads if they are not running (e.g. after a fork)."""
+        with self._lock:
+            self._ensure_thread()
+
     def _ensure_thread(self) -> None:
+        if self._closed:
+            return
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, daemon=True, name="isal-embedded-worker")
             self._thread.start()
+        if self._reconcile_settings is not None and (
+                self._reconcile_thread is None or not self._reconcile_thread.is_alive()):
+            self._reconcile_thread = threading.Thread(target=self._reconcile_loop, daemon=True,
+                                                      name="isal-embedded-reconcile")
+            self._reconcile_thread.start()
+
+    def _busy(self, project_id: int) -> bool:
+        with self._lock:
+            proj = self._projects.get(project_id)
+            return proj is not None and (proj.running is not None or ROUND in proj.pending)
+
+    def _reconcile_loop(self) -> None:
+        from isal_backend.queue.reconcile import Reconciler
+
+        settings = self._reconcile_settings
+        assert settings is not None
+        reconciler = Reconciler(settings, submit=lambda pid: self.submit(ROUND, pid), busy=self._busy)
+        wait = min(settings.reconcile_seconds, 10.0)
+        while True:
+            with self._lock:
+                if self._lock.wait_for(lambda: self._closed, timeout=wait):
+                    return
+            wait = settings.reconcile_seconds
+            try:
+                reconciler.run_once()
+            except Exception:  # noqa: BLE001 - reconciliation must outlive any surprise
+                logger.exception("embedded reconciliation failed")
 
     def _next_item(self) -> _Item | None:
         with self._lock:
@@ -142,7 +181,7 @@ class EmbeddedCoalescer:
             else:
                 target(item.project_id, list(task_ids))
         except Exception as exc:  # noqa: BLE001 - reported below and retried
-            will_retry = item.attempt < self.retries
+            will_retry = item.attempt < self.retries and is_retryable(exc)
             outcome = Outcome.RETRYING if will_retry else Outcome.FAILED
             with self._lock:
                 proj.running = None
@@ -157,7 +196,7 @@ class EmbeddedCoalescer:
                     self._lock.notify_all()
             logger.error("project %s: %s job %s %s: %r", item.project_id, item.kind, item.job_id, outcome, exc,
                          exc_info=True)
-            record_job_outcome(item.project_id, item.kind, item.job_id, outcome, error=traceback.format_exc(),
+            record_job_outcome(item.project_id, item.kind, item.job_id, outcome, error=failure_message(exc),
                                store=self.store, attempt=item.attempt + 1)
             return
         finally:

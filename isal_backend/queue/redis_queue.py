@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -34,7 +33,7 @@ from rq import Queue, Retry, get_current_job
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
-from isal_backend.queue.base import KINDS, ROUND, SCORE, Outcome, Submission, resolve
+from isal_backend.queue.base import KINDS, ROUND, SCORE, Outcome, Submission, failure_message, is_retryable, resolve
 from isal_backend.queue.context import JobContext, reset_current_job, set_current_job
 from isal_backend.settings import Settings
 from isal_backend.status import StatusStore, record_job_outcome
@@ -78,6 +77,7 @@ local pend = redis.call('HGET', KEYS[1], 'pend_' .. kind)
 if pend and pend ~= me then return {'superseded', pend} end
 local run = redis.call('HGET', KEYS[1], 'run_id')
 local rlease = tonumber(redis.call('HGET', KEYS[1], 'run_lease') or '0')
+if run and run == me and rlease > now then return {'duplicate', run} end
 if run and run ~= me and rlease > now then
   if pend == me then redis.call('HSET', KEYS[1], 'plea_' .. kind, now + lease) end
   return {'wait', run}
@@ -200,7 +200,8 @@ class RedisCoalescer:
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisCoalescer:
         assert settings.redis_url, "RedisCoalescer needs REDIS_URL"
-        conn = Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=30)
+        # A connect timeout: a Redis that drops packets must not hold a webhook for the OS's minutes-long default.
+        conn = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=2, health_check_interval=30)
         return cls(
             conn,
             prefix=settings.redis_prefix,
@@ -359,6 +360,10 @@ def run_job(kind: str, project_id: int, config: dict[str, Any]) -> dict[str, Any
             logger.info("project %s: %s job %s superseded by waiting job %s", project_id, kind, job.id, out[1])
             co.redis.hincrby(key, f"n_superseded_{kind}", 1)
             return {"outcome": Outcome.SUPERSEDED, "by": out[1]}
+        if out[0] == "duplicate":  # a second delivery of a job that runs (two schedulers moved one retry)
+            logger.warning("project %s: %s job %s is already running elsewhere; this copy does nothing", project_id,
+                           kind, job.id)
+            return {"outcome": Outcome.SUPERSEDED, "by": out[1]}
         if out[0] == "run":
             break
         time.sleep(POLL_S)
@@ -377,11 +382,14 @@ def run_job(kind: str, project_id: int, config: dict[str, Any]) -> dict[str, Any
         result = target(int(project_id)) if kind == ROUND else target(int(project_id), list(task_ids))
     except BaseException as exc:
         will_retry = bool(job.retries_left and job.retries_left > 0)
+        if will_retry and not is_retryable(exc):
+            job.retries_left = 0  # RQ's failure handling reads this very object: no retry is scheduled
+            will_retry = False
         restore = [str(t) for t in task_ids]
         outcome = Outcome.RETRYING if will_retry else Outcome.FAILED
         co._finish(keys=[key, ids_key], args=[kind, job.id, outcome, int(will_retry)] + restore)
         logger.error("project %s: %s job %s %s: %r", project_id, kind, job.id, outcome, exc, exc_info=True)
-        record_job_outcome(project_id, kind, job.id, outcome, error=traceback.format_exc(), store=co.status_store)
+        record_job_outcome(project_id, kind, job.id, outcome, error=failure_message(exc), store=co.status_store)
         raise
     finally:
         beat.stopped.set()

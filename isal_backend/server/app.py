@@ -11,26 +11,36 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, Response, current_app, jsonify, request
+from flask import Flask, Response, current_app, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from werkzeug.exceptions import HTTPException
 
+from isal_backend.labelstudio.client import LabelStudioAPIError, LabelStudioUnavailable
 from isal_backend.labelstudio.config import LabelConfigError, parse_project_config
 from isal_backend.queue import ROUND, SCORE, Coalescer, make_coalescer
+from isal_backend.server.durable import JOURNALED, DurableSubmitter
+from isal_backend.server.ls_link import ProjectLinks, SetupRefused
 from isal_backend.server.ls_ml import patched_app
 from isal_backend.server.metrics import WebhookMetrics, build_registry
-from isal_backend.server.webhook import WebhookError, parse_webhook
-from isal_backend.settings import Settings, SettingsError, configure_logging, save_project_credentials
+from isal_backend.server.webhook import MAX_ID, WebhookError, parse_webhook, shown
+from isal_backend.settings import Settings, SettingsError, configure_logging, project_credentials
 from isal_backend.status import last_rounds, project_status
 
 logger = logging.getLogger(__name__)
 INITIAL_VERSION = "initial"
 PUBLIC_ENDPOINTS = frozenset({"health"})
+#: Deeper JSON is refused (400): Label Studio's bodies nest about 6 levels, and deep nesting is how a small
+#: body makes the JSON parser (or any later walk) exhaust Python's recursion limit.
+MAX_JSON_DEPTH = 100
+# [0-9] rather than \d: \d matches any Unicode digit ("３", "³"), which int() then reads or refuses.
+_PROJECT_ID = re.compile(r"([0-9]{1,18})(?:\.[0-9]{1,20})?")
 
 
 class ApiError(Exception):
@@ -53,7 +63,14 @@ class AppState:
     settings: Settings
     coalescer: Coalescer
     registry: CollectorRegistry
+    submitter: DurableSubmitter
+    links: ProjectLinks
     webhook_metrics: WebhookMetrics | None = None
+
+    def close(self) -> None:
+        self.submitter.close()
+        self.links.close()
+        self.coalescer.close()
 
 
 def _state() -> AppState:
@@ -64,24 +81,81 @@ def _error(status: int, message: str) -> tuple[Response, int]:
     return jsonify({"error": message, "status": status}), status
 
 
+def _body_limit() -> int:
+    return _state().settings.max_body_mb * 1024 * 1024
+
+
+def _raw_body() -> bytes:
+    """The request body, read at most once and never past ISAL_MAX_BODY_MB (413), chunked bodies included."""
+    cached = g.get("isal_body")
+    if cached is not None:
+        return cached
+    limit = _body_limit()
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large()
+    data = request.stream.read(limit + 1)
+    if len(data) > limit:
+        raise _too_large()
+    g.isal_body = data
+    return data
+
+
+def _too_large() -> ApiError:
+    mb = _state().settings.max_body_mb
+    return ApiError(413, f"the request body is larger than {mb} MB (ISAL_MAX_BODY_MB={mb})")
+
+
+def _check_depth(value: Any) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH, without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _json_value(allow_empty: bool = False) -> Any:
+    """The body parsed as JSON: 415 unless sent as JSON, 400 naming what is wrong with it."""
+    if not request.is_json:
+        if allow_empty and not _raw_body():
+            return None
+        shown = (request.headers.get("Content-Type") or "none")[:100]
+        raise ApiError(415, f"the body must be JSON sent with Content-Type: application/json (got {shown!r})")
+    data = _raw_body()
+    if allow_empty and not data.strip():
+        return None
+    try:
+        body = json.loads(data)
+    except RecursionError:
+        raise ApiError(400, f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:  # JSONDecodeError, bad UTF-8, integers too long to read
+        raise ApiError(400, f"the body is not valid JSON: {str(exc)[:200]}") from None
+    _check_depth(body)
+    return body
+
+
 def _json_body() -> dict[str, Any]:
-    body = request.get_json(force=True, silent=True)
+    body = _json_value()
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     return body
 
 
 def _project_id(value: Any) -> int:
-    """Label Studio sends ``"<id>.<created_ts>"`` to /setup and /predict, an int elsewhere."""
-    if isinstance(value, bool):
-        raise ApiError(400, f"'project' must be a project id like 1 or '1.1795802474', got {value!r}")
-    if isinstance(value, int) and value > 0:
-        return value
-    if isinstance(value, str):
-        head = value.split(".", 1)[0]
-        if head.isdigit() and int(head) > 0:
-            return int(head)
-    raise ApiError(400, f"'project' must be a project id like 1 or '1.1795802474', got {str(value)[:64]!r}")
+    """Label Studio sends ``"<id>.<created_ts>"`` to /setup and /predict, an int elsewhere; ASCII digits only."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 0 < value <= MAX_ID:
+            return value
+    elif isinstance(value, str):
+        match = _PROJECT_ID.fullmatch(value)
+        if match and 0 < int(match.group(1)) <= MAX_ID:
+            return int(match.group(1))
+    raise ApiError(400, f"'project' must be a project id like 1 or '1.1795802474' (ASCII digits), got "
+                        f"{shown(value, 64)}")
 
 
 def _model_version(project_id: int | None) -> str:
@@ -98,9 +172,14 @@ def _model_version(project_id: int | None) -> str:
 
 
 def health() -> Response:
-    s = _state().settings
+    """Always 200 while the server runs (Label Studio disconnects a backend whose /health fails); the body says
+    whether the queue is ``ok`` or ``degraded`` (Redis down: webhooks are journaled meanwhile)."""
+    state = _state()
+    s = state.settings
+    queue = state.submitter.health()
     return jsonify({"status": "UP", "model_dir": str(s.model_dir), "v2": False,
-                    "queue": "embedded" if s.embedded else "redis"})
+                    "queue": "embedded" if s.embedded else "redis", "queue_state": queue["state"],
+                    **({"queue_detail": queue} if queue["state"] != "ok" else {})})
 
 
 def setup() -> Response:
@@ -113,24 +192,32 @@ def setup() -> Response:
         parse_project_config(schema)
     except LabelConfigError as exc:  # the message names the tag
         raise ApiError(400, f"unsupported label config: {exc}") from None
-    settings = _state().settings
-    folder = settings.model_dir / "projects" / str(project_id)
+    state = _state()
+    try:
+        credentials = state.links.setup(project_id, body.get("hostname"), body.get("access_token"), request.host)
+    except SetupRefused as exc:
+        logger.warning("project %s: /setup refused: %s", project_id, exc)
+        raise ApiError(exc.status, str(exc)) from None
+    folder = state.settings.model_dir / "projects" / str(project_id)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "label_config.xml").write_text(schema)
-    hostname, token = body.get("hostname"), body.get("access_token")
-    if settings.label_studio_url is None or settings.label_studio_api_key is None:
-        if isinstance(hostname, str) and hostname and isinstance(token, str) and token:
-            save_project_credentials(settings, project_id, hostname, token)
-        else:
-            logger.warning("project %s: /setup carried no hostname/access_token and none is configured", project_id)
-    return jsonify({"model_version": _model_version(project_id)})
+    return jsonify({"model_version": _model_version(project_id), "credentials": credentials.state,
+                    "message": credentials.message})
 
 
-def predict() -> Response:
-    body = _json_body()
+def _predict_request(body: dict[str, Any]) -> tuple[int, list[dict[str, Any]], str]:
+    """Check everything a prediction needs before any model code runs; ApiError naming what is wrong."""
     tasks = body.get("tasks")
-    if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+    if not isinstance(tasks, list):
         raise ApiError(400, "'tasks' must be a list of task objects")
+    for i, task in enumerate(tasks):
+        if not isinstance(task, dict):
+            raise ApiError(400, f"tasks[{i}] must be a JSON object, got {type(task).__name__}")
+        task_id = task.get("id")
+        if not isinstance(task_id, int) or isinstance(task_id, bool) or not 0 < task_id <= MAX_ID:
+            raise ApiError(400, f"tasks[{i}].id must be a positive integer, got {shown(task_id)}")
+        if not isinstance(task.get("data"), dict):
+            raise ApiError(400, f"tasks[{i}].data must be a JSON object, got {type(task.get('data')).__name__}")
     project_id = _project_id(body.get("project"))
     label_config = body.get("label_config")
     if label_config is not None and not isinstance(label_config, str):
@@ -140,7 +227,27 @@ def predict() -> Response:
         label_config = stored.read_text() if stored.exists() else None
     if label_config is None:
         raise ApiError(400, "'label_config' is missing and the project was never set up (/setup)")
-    results = _predict_tasks(project_id, tasks, label_config)
+    try:
+        parse_project_config(label_config)
+    except LabelConfigError as exc:
+        raise ApiError(400, f"unsupported label config: {exc}") from None
+    try:
+        project_credentials(_state().settings, project_id)
+    except SettingsError as exc:
+        raise ApiError(400, str(exc)) from None
+    return project_id, tasks, label_config
+
+
+def predict() -> Response:
+    project_id, tasks, label_config = _predict_request(_json_body())
+    try:
+        results = _predict_tasks(project_id, tasks, label_config)
+    except (SettingsError, LabelConfigError) as exc:
+        raise ApiError(400, str(exc)) from None
+    except LabelStudioAPIError as exc:  # Label Studio refused (a bad key, a project it does not have): not ours to fix
+        raise ApiError(424, f"Label Studio refused a request for this prediction: {exc}") from None
+    except LabelStudioUnavailable as exc:
+        raise ApiError(503, str(exc)) from None
     if not isinstance(results, list) or len(results) != len(tasks):
         raise ApiError(500, "predict_tasks returned a result count different from the task count")
     version = next((r.get("model_version") for r in results if isinstance(r, dict) and r.get("model_version")), None)
@@ -153,15 +260,23 @@ def webhook() -> tuple[Response, int]:
     action = "invalid"
     result = "error"
     try:
-        event = parse_webhook(request.get_json(force=True, silent=True))
+        try:
+            event = parse_webhook(_json_value())
+        except ApiError:
+            result = "rejected"
+            raise
         action = event.action
         jobs = []
         if event.retrain:
-            jobs.append(state.coalescer.submit(ROUND, event.project_id))
+            jobs.append(state.submitter.submit(ROUND, event.project_id, action=action))
         if event.score_task_ids:
-            jobs.append(state.coalescer.submit(SCORE, event.project_id, list(event.score_task_ids)))
+            jobs.append(state.submitter.submit(SCORE, event.project_id, list(event.score_task_ids), action=action))
         result = "+".join(j.state for j in jobs) or "ignored"
         body: dict[str, Any] = {"action": action, "project": event.project_id, "status": result}
+        if any(j.state == JOURNALED for j in jobs):
+            # Redis is down: the event is on disk and is queued once Redis answers (202: accepted, not yet queued).
+            body["queue"] = "degraded"
+            return jsonify(body), 202
         if jobs:
             body["job_id"] = jobs[0].job_id
             body["jobs"] = [{"kind": j.kind, "job_id": j.job_id, "state": j.state} for j in jobs]
@@ -170,6 +285,9 @@ def webhook() -> tuple[Response, int]:
     except WebhookError as exc:
         result = "rejected"
         return _error(400, str(exc))
+    except OSError as exc:  # the journal could not be written either
+        logger.error("webhook: Redis is unavailable and the event could not be journaled: %r", exc)
+        return _error(503, "the job queue (Redis) is unavailable and the event could not be journaled")
     finally:
         if state.webhook_metrics is not None:
             state.webhook_metrics.latency.observe(time.perf_counter() - started)
@@ -177,8 +295,10 @@ def webhook() -> tuple[Response, int]:
 
 
 def versions() -> Response:
-    body = request.get_json(force=True, silent=True) if request.method == "POST" else None
-    raw = (body or {}).get("project") if isinstance(body, dict) else request.args.get("project")
+    body = _json_value(allow_empty=True) if request.method == "POST" else None
+    if body is not None and not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    raw = body.get("project") if isinstance(body, dict) else request.args.get("project")
     project_id = _project_id(raw) if raw is not None else None
     rounds = last_rounds(_state().settings)
     found = [
@@ -202,8 +322,9 @@ def is_training() -> Response:
     return jsonify({"is_training": bool(fields.get("run_id")), "model_version": _model_version(project_id)})
 
 
-def project_status_view(project_id: int) -> Response:
+def project_status_view(project_id: str) -> Response:
     """Per-project status: last round report, last job outcome, last failure, live queue state."""
+    project_id = _project_id(project_id)  # type: ignore[assignment]
     fields = _state().coalescer.snapshot()["projects"].get(project_id, {})
     queue = {
         "running": fields.get("run_id"),
@@ -221,15 +342,16 @@ def train_gone() -> tuple[Response, int]:
 
 
 def _check_basic_auth() -> tuple[Response, int] | None:
+    """Basic auth on every route but /health; the scheme is case-insensitive (RFC 7235), so is ``basic``."""
     settings = current_app.config["ISAL_STATE"].settings
     if not settings.basic_auth_enabled or request.endpoint in PUBLIC_ENDPOINTS:
         return None
-    header = request.headers.get("Authorization", "")
+    scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
     ok = False
-    if header.startswith("Basic "):
+    if scheme.lower() == "basic":
         try:
-            user, _, password = base64.b64decode(header[6:], validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+            user, _, password = base64.b64decode(credentials.strip(), validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
             user, password = "", ""
         ok = hmac.compare_digest(user.encode(), (settings.basic_auth_user or "").encode()) & hmac.compare_digest(
             password.encode(), (settings.basic_auth_pass or "").encode()
@@ -241,11 +363,25 @@ def _check_basic_auth() -> tuple[Response, int] | None:
     return response, status
 
 
+def _before_request() -> tuple[Response, int] | None:
+    """Auth first (nothing of an unauthenticated body is read), then the body size limit, then the replayer."""
+    denied = _check_basic_auth()
+    if denied is not None:
+        return denied
+    state: AppState = current_app.config["ISAL_STATE"]
+    if request.content_length is not None and request.content_length > state.settings.max_body_mb * 1024 * 1024:
+        return _handle_api_error(_too_large())
+    state.submitter.ensure_started()
+    return None
+
+
 def _handle_api_error(exc: ApiError) -> tuple[Response, int]:
     return _error(exc.status, exc.message)
 
 
 def _handle_http(exc: HTTPException) -> tuple[Response, int]:
+    if exc.code == 413:
+        return _handle_api_error(_too_large())
     return _error(exc.code or 500, exc.description or exc.name)
 
 
@@ -273,17 +409,24 @@ def create_app(settings: Settings | None = None, coalescer: Coalescer | None = N
         views={"health": health, "_setup": setup, "_predict": predict, "webhook": webhook, "get_version": versions,
                "metrics": metrics, "_is_training": is_training, "_train": train_gone},
         routes={"get_version_get": ("/versions", versions, ["GET"]),
-                "project_status": ("/status/<int:project_id>", project_status_view, ["GET"])},
-        before_request=_check_basic_auth,
+                "project_status": ("/status/<project_id>", project_status_view, ["GET"])},
+        before_request=_before_request,
         error_handlers={ApiError: _handle_api_error, HTTPException: _handle_http, Exception: _handle_any},
         model_dir=str(settings.model_dir),
     )
     previous: AppState | None = app.config.get("ISAL_STATE")
-    if previous is not None and previous.coalescer is not coalescer:
-        previous.coalescer.close()
-    state = AppState(settings=settings, coalescer=coalescer or make_coalescer(settings), registry=None)  # type: ignore[arg-type]
+    if previous is not None:
+        previous.submitter.close()
+        previous.links.close()
+        if previous.coalescer is not coalescer:
+            previous.coalescer.close()
+    coalescer = coalescer or make_coalescer(settings)
+    state = AppState(settings=settings, coalescer=coalescer, registry=None,  # type: ignore[arg-type]
+                     submitter=DurableSubmitter(coalescer, settings), links=ProjectLinks(settings))
     state.registry, state.webhook_metrics = build_registry(state)
+    state.submitter.ensure_started()  # the journal replayer and reconciliation run without waiting for a request
     app.config["ISAL_STATE"] = state
     app.config["JSON_SORT_KEYS"] = False
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_mb * 1024 * 1024
     logger.info("isal-backend app configured: %r", settings)
     return app

@@ -25,7 +25,8 @@ and :func:`patched_app` replaces, in this one module, what is broken in 1.0.9 (s
 9. ``exception_handler`` and its error handlers answer 500s with a Python traceback (plain text or
    JSON) -> JSON ``{"error": ...}`` bodies, tracebacks only in the server log.
 10. ``/setup`` instantiates the model and loads "job results" per request, and ignores an invalid label
-    config -> it validates the config, stores hostname/access token (0600) for the jobs, and answers at once.
+    config -> it validates the config and stores hostname/access token (0600) for the jobs once Label Studio
+    accepts them (:mod:`isal_backend.server.ls_link`).
 11. ``/predict`` needs a prior /setup in the same process (``_current_model``) and returns 500 otherwise
     -> stateless: :func:`isal_backend.jobs.entry.predict_tasks`.
 12. ``/train`` (pre-1.4 API) runs training synchronously in the request -> 410 Gone with a pointer.

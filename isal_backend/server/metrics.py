@@ -34,6 +34,15 @@ class QueueCollector:
         self.state = state  # isal_backend.server.app.AppState
 
     def collect(self) -> Iterator[Metric]:
+        journal = getattr(getattr(self.state, "submitter", None), "journal", None)
+        if journal is not None:
+            journaled = GaugeMetricFamily("isal_journaled_events", "Webhook events kept on disk while Redis was "
+                                          "unavailable, not yet queued")
+            try:
+                journaled.add_metric([], journal.pending() if journal.has_pending() else 0)
+            except OSError:
+                journaled.add_metric([], -1)
+            yield journaled
         up = GaugeMetricFamily("isal_queue_up", "1 when the queue's state could be read")
         try:
             snap = self.state.coalescer.snapshot()

@@ -26,6 +26,9 @@ IGNORED_ACTIONS = frozenset(
     }
 )
 KNOWN_ACTIONS = RETRAIN_ACTIONS | SCORE_ACTIONS | IGNORED_ACTIONS
+#: Largest id accepted (Label Studio's ids are database integers): a 4,000-digit "id" would become a Redis key
+#: and a file name ("file name too long").
+MAX_ID = 2**63 - 1
 
 
 class WebhookError(ValueError):
@@ -42,6 +45,16 @@ class WebhookEvent:
     score_task_ids: tuple[int, ...] = ()
 
 
+def shown(value: Any, limit: int = 40) -> str:
+    """A bad value as an error message quotes it: scalars cut to ``limit`` characters, containers by type."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        text = repr(value)
+        if isinstance(value, int) and not isinstance(value, bool) and len(text) > limit:
+            return f"an integer of {len(text.lstrip('-'))} digits"
+        return text[:limit] + ("..." if len(text) > limit else "")
+    return type(value).__name__
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -55,8 +68,8 @@ def _object(body: dict[str, Any], name: str, action: str) -> dict[str, Any]:
 
 def _object_id(obj: dict[str, Any], where: str) -> int:
     value = obj.get("id")
-    if not _is_int(value) or value < 1:
-        raise WebhookError(f"{where}: 'id' must be a positive integer, got {value!r}")
+    if not _is_int(value) or not 0 < value <= MAX_ID:
+        raise WebhookError(f"{where}: 'id' must be a positive integer below 2**63, got {shown(value)}")
     return value
 
 
