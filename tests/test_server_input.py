@@ -148,14 +148,16 @@ def test_predict_for_a_project_without_credentials_is_a_400(tmp_path):
     app.config["ISAL_STATE"].close()
 
 
-def test_predict_maps_a_settings_error_raised_by_the_prediction_to_a_400(tmp_path, monkeypatch):
-    """The prediction code reads the environment (Settings.from_env); its SettingsError is the caller's 400."""
-    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+def test_predict_runs_with_the_servers_settings_not_the_environments(tmp_path, monkeypatch):
+    """The environment here has no credentials and another model store; the server's settings are used."""
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "elsewhere"))
     for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"):
         monkeypatch.delenv(name, raising=False)
-    app, _ = make(tmp_path)  # the app itself has credentials, so its own checks pass
+    app, _ = make(tmp_path)  # the app itself has credentials
     r = app.test_client().post("/predict", json=sample("ml_predict"))
-    assert r.status_code == 400 and "has no Label Studio credentials" in _error(r)
+    assert r.status_code == 200, _error(r)
+    assert [x["model_version"] for x in r.get_json()["results"]] == ["none"] * len(sample("ml_predict")["tasks"])
+    assert not (tmp_path / "elsewhere").exists()
     app.config["ISAL_STATE"].close()
 
 

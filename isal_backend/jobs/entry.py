@@ -142,13 +142,15 @@ def score_new_tasks(project_id: int, task_ids: list[int]) -> dict[str, Any]:
     return {"project": project_id, "scored": created, "skipped": skipped, "round_id": stored.round_id}
 
 
-def predict_tasks(project_id: int, tasks: list[dict[str, Any]], label_config: str) -> list[dict[str, Any]]:
+def predict_tasks(project_id: int, tasks: list[dict[str, Any]], label_config: str,
+                  settings: Settings | None = None) -> list[dict[str, Any]]:
     """``/predict``: one ``{"result", "score", "model_version"}`` per task, in the order given.
 
     Before any round (or under a round made for another config) the results are empty pre-labels with
-    a neutral score, so Label Studio still gets one result per task.
+    a neutral score, so Label Studio still gets one result per task. ``settings``: the server's own
+    (default: the environment's).
     """
-    settings = Settings.from_env()
+    settings = settings or Settings.from_env()
     store = ModelStore(settings.model_dir)
     config: LabelConfig = parse_project_config(label_config)
     stored = store.load(project_id)

@@ -55,7 +55,7 @@ def _predict_tasks(project_id: int, tasks: list[dict[str, Any]], label_config: s
     """Imported on first use: the web process answers /health and /webhook without loading torch."""
     from isal_backend.jobs.entry import predict_tasks
 
-    return predict_tasks(project_id, tasks, label_config)
+    return predict_tasks(project_id, tasks, label_config, _state().settings)
 
 
 @dataclass
