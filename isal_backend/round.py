@@ -54,6 +54,13 @@ def new_round_id() -> str:
     return f"isal-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:6]}"
 
 
+def newest_annotation(tasks: list[dict[str, Any]]) -> str | None:
+    """The newest ``updated_at`` (else ``created_at``) of any annotation: what this round has seen."""
+    times = [str(a.get("updated_at") or a.get("created_at") or "") for t in tasks for a in t.get("annotations") or []
+             if isinstance(a, dict)]
+    return max((t for t in times if t), default=None)
+
+
 class Timer:
     """Seconds per named step, for the report."""
 
@@ -114,7 +121,8 @@ class Round:
         with timer("fetch"):
             task = self.task()
             fetched_at = datetime.now(UTC).isoformat()
-            split = task.split(self.datastore.tasks())
+            tasks = self.datastore.tasks()
+            split = task.split(tasks)
         stored = self.store.load(self.project_id)
         previous = task.load(stored) if stored is not None else None
         with timer("features"):
@@ -124,7 +132,7 @@ class Round:
         report: dict[str, Any] = {
             "round_id": round_id, "project": self.project_id, "kind": task.kind, "labels": task.labels,
             "strategy": strategy.name, "labeled": len(inputs.labeled_ids), "unlabeled": inputs.pool_size,
-            "fetched_at": fetched_at,
+            "fetched_at": fetched_at, "newest_annotation_at": newest_annotation(tasks),
         }
         if note:
             report["strategy_note"] = note
