@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--json", required=True, help="write the figures here as JSON")
     loop.add_argument("--ls-venv", default=None, help="virtualenv with label-studio 1.23.2 (default $LS_VENV)")
     loop.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    loop.add_argument("--workers", type=int, default=1, help="RQ workers (they share the first featurization)")
+    loop.add_argument("--env", action="append", metavar="NAME=VALUE",
+                      help="a backend setting for this run (repeatable), e.g. --env ISAL_BACKBONE=small-cnn")
 
     recipe = sub.add_parser("recipe", help="print the recipe a round runs with the current environment (JSON)")
     recipe.add_argument("--task", default="classification", choices=["classification", "detection"])

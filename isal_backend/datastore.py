@@ -25,6 +25,10 @@ class Datastore(Protocol):
         """Every task as ``{"id", "data", "annotations": [...]}``, cancelled annotations included, by id."""
         ...
 
+    def fetch_report(self) -> dict[str, Any]:
+        """What the last :meth:`tasks` read (full or incremental, how many tasks), for the round's report."""
+        ...
+
     def tasks_by_id(self, task_ids: Iterable[int]) -> list[dict[str, Any]]:
         """The given tasks, same shape (for scoring new tasks)."""
         ...

@@ -133,6 +133,7 @@ class Round:
             "round_id": round_id, "project": self.project_id, "kind": task.kind, "labels": task.labels,
             "strategy": strategy.name, "labeled": len(inputs.labeled_ids), "unlabeled": inputs.pool_size,
             "fetched_at": fetched_at, "newest_annotation_at": newest_annotation(tasks),
+            "fetch": self.datastore.fetch_report(),
         }
         if note:
             report["strategy_note"] = note

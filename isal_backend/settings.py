@@ -82,8 +82,12 @@ class Settings:
     job_retries: int = 3
     retry_backoff: tuple[int, ...] = (10, 60, 300)
     shard_size: int = 2000
+    #: New images a round featurizes before it orders (0: all); the rest follow in the next rounds.
+    round_new_images: int = 4000
     finetune_epochs: int = 3
     delete_old_predictions: bool = True
+    #: A round reads only what changed since the last (the task mirror); a full resync at least this often.
+    full_resync_seconds: float = 3600.0
     shard_lease_seconds: float = 300.0
     # Object detection projects (<RectangleLabels>); see isal_backend/tasks/detection.py.
     detection_score_threshold: float = 0.5
@@ -174,8 +178,11 @@ class Settings:
             lease_seconds=r.positive_float("ISAL_LEASE_SECONDS", 30.0),
             job_retries=r.integer("ISAL_JOB_RETRIES", 3, minimum=0),
             retry_backoff=r.int_list("ISAL_RETRY_BACKOFF", (10, 60, 300)),
+            full_resync_seconds=r.non_negative_float("ISAL_FULL_RESYNC_SECONDS", 3600.0),
             delete_old_predictions=r.choice("ISAL_DELETE_OLD_PREDICTIONS", "true", ("true", "false")) == "true",
             shard_size=r.integer("ISAL_SHARD_SIZE", 2000, minimum=1, hint="images per feature shard job"),
+            round_new_images=r.integer("ISAL_ROUND_NEW_IMAGES", 4000, minimum=0,
+                                       hint="new images a round featurizes before it orders; 0 = all"),
             shard_lease_seconds=r.positive_float("ISAL_SHARD_LEASE_SECONDS", 300.0),
             detection_score_threshold=r.fraction("ISAL_DETECTION_SCORE_THRESHOLD", 0.5),
             detection_steps=r.integer("ISAL_DETECTION_STEPS", 60, minimum=1,
@@ -277,6 +284,15 @@ class _Reader:
         number = _as_float(value)
         if not 0 <= number < float("inf"):
             raise self._fail(name, value, "is not a number of seconds >= 0", f"set it to e.g. {default:g} (0: off)")
+        return number
+
+    def non_negative_float(self, name: str, default: float) -> float:
+        value = self._raw(name)
+        if value is None:
+            return default
+        number = _as_float(value)
+        if not number >= 0 or number == float("inf"):
+            raise self._fail(name, value, "is not a number of seconds >= 0", f"set it to e.g. {default:g}")
         return number
 
     def fraction(self, name: str, default: float) -> float:

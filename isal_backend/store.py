@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator, MutableMapping
@@ -127,16 +128,33 @@ class ModelStore:
 
 
 class FeatureCache:
-    """Backbone features per image reference, as append-only chunk files.
+    """Backbone features per image reference, as append-only chunk files, memory-mapped.
 
-    Each writer adds a new chunk (atomically renamed), so concurrent workers never corrupt each
-    other; readers load every chunk once and remember which they have seen.
+    Each writer adds a new chunk (atomically renamed), so concurrent workers never corrupt each other;
+    readers map every chunk once and remember which they have seen, so a long-lived process (the
+    embedded worker, an RQ worker) pays only for chunks written since its last round. One instance per
+    folder and process (:meth:`shared`): a project of 100,000 images is indexed once, not every round.
     """
+
+    _shared: dict[Path, FeatureCache] = {}
+    _shared_lock = threading.Lock()
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self._seen: set[str] = set()
-        self._features: dict[str, torch.Tensor] = {}
+        self._chunks: list[torch.Tensor] = []
+        self._index: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, folder: str | Path) -> FeatureCache:
+        """This process's cache of ``folder``."""
+        key = Path(folder).resolve()
+        with cls._shared_lock:
+            cache = cls._shared.get(key)
+            if cache is None:
+                cache = cls._shared[key] = cls(key)
+            return cache
 
     def _refresh(self) -> None:
         if not self.folder.exists():
@@ -144,27 +162,71 @@ class FeatureCache:
         for path in sorted(self.folder.glob("chunk-*.pt")):
             if path.name in self._seen:
                 continue
-            chunk = torch.load(path, map_location="cpu", weights_only=True)
-            for key, row in zip(chunk["keys"], chunk["features"], strict=True):
-                self._features[key] = row
+            try:
+                chunk = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except FileNotFoundError:  # removed by its owner meanwhile (a dropped fine-tuned version)
+                continue
+            keys = chunk["keys"].split("\n") if isinstance(chunk["keys"], str) else list(chunk["keys"])
+            self._add(keys, chunk["features"])
             self._seen.add(path.name)
 
+    def _add(self, keys: list[str], features: torch.Tensor) -> None:
+        number = len(self._chunks)
+        self._chunks.append(features)
+        for row, key in enumerate(keys):
+            self._index[key] = (number, row)
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._refresh()
+            return len(self._index)
+
+    def contains(self, keys: list[str]) -> list[bool]:
+        with self._lock:
+            self._refresh()
+            return [k in self._index for k in keys]
+
     def get_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        self._refresh()
-        return {k: self._features[k] for k in keys if k in self._features}
+        with self._lock:
+            self._refresh()
+            where = {k: self._index[k] for k in keys if k in self._index}
+        return {k: self._chunks[c][r] for k, (c, r) in where.items()}
+
+    def matrix(self, keys: list[str], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of ``keys`` as one float32 matrix (zeros where missing) and the mask of found ones.
+
+        Gathered per chunk with one index_select each: for 100,000 rows this is a copy, not 100,000 tensors.
+        """
+        with self._lock:
+            self._refresh()
+            where = [self._index.get(k) for k in keys]
+        out = torch.zeros(len(keys), dim)
+        found = torch.tensor([w is not None for w in where], dtype=torch.bool)
+        by_chunk: dict[int, tuple[list[int], list[int]]] = {}
+        for position, w in enumerate(where):
+            if w is not None:
+                positions, rows = by_chunk.setdefault(w[0], ([], []))
+                positions.append(position)
+                rows.append(w[1])
+        for chunk, (positions, rows) in by_chunk.items():
+            out[torch.tensor(positions)] = self._chunks[chunk].index_select(0, torch.tensor(rows)).float()
+        return out, found
 
     def put_many(self, keys: list[str], features: torch.Tensor) -> None:
         if not keys:
             return
+        if any("\n" in k for k in keys):
+            raise ValueError("feature cache keys must not contain a line break")
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"chunk-{uuid.uuid4().hex}.pt"
+        rows = features.float().contiguous()
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-")
         with os.fdopen(fd, "wb") as fh:
-            torch.save({"keys": list(keys), "features": features.float().contiguous()}, fh)
+            torch.save({"keys": "\n".join(keys), "features": rows}, fh)  # one string: fast to load
         os.replace(tmp, self.folder / name)
-        for key, row in zip(keys, features, strict=True):
-            self._features[key] = row
-        self._seen.add(name)
+        with self._lock:
+            self._add(list(keys), rows)
+            self._seen.add(name)
 
 
 class ImageCache:

@@ -123,3 +123,19 @@ def test_a_baseline_round_stores_its_keys_so_new_tasks_are_placed_by_them(tmp_pa
     pool = project.datastore.tasks_by_id(report["top_tasks"][:5])
     predictions, _ = stored_predictions(task, task.load(stored), pool, project.datastore.image, stored.round_id)
     assert [p["score"] for p in predictions] == pytest.approx([j / 36 for j in range(5)], abs=1e-6)  # 36 pool tasks
+
+
+def test_a_large_import_is_featurized_over_rounds_each_serving_an_order(tmp_path: Path) -> None:
+    project = Project(n=40, seed=3)
+    project.label(range(31, 41))  # the labeled images are featurized first, whatever their place in the project
+    store = ModelStore(tmp_path)
+    s = settings(tmp_path, round_new_images=12)
+    first = Round(4, project.datastore, store, s).run()
+    assert first["labeled"] == 10 and first["unlabeled"] == 2 and first["features_pending"] == 29  # 30 + broken
+    assert first["written"] == 2 and first["order"].startswith("isal:")  # an order now, of what is featurized
+    second = Round(4, project.datastore, store, s).run()
+    assert second["unlabeled"] == 14 and second["features_pending"] == 17
+    third = Round(4, project.datastore, store, s).run()
+    fourth = Round(4, project.datastore, store, s).run()
+    assert "features_pending" not in fourth and fourth["unlabeled"] == 30 and third["unlabeled"] == 26
+    assert [s["task"] for s in fourth["skipped"]] == [41]  # the broken image, once it was tried

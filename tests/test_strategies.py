@@ -41,7 +41,7 @@ def inputs(seed: int = 0, n_labeled: int = 120, n_pool: int = 400) -> Classifica
     yp = torch.randint(0, 4, (n_pool,), generator=gen)
     xl = centers[yl] + torch.randn(n_labeled, 8, generator=gen)
     xp = centers[yp] + torch.randn(n_pool, 8, generator=gen)
-    return ClassificationInputs(list(range(n_labeled)), list(range(1000, 1000 + n_pool)), [], [], xl, yl, xp)
+    return ClassificationInputs.of(list(range(n_labeled)), list(range(1000, 1000 + n_pool)), xl, yl, xp)
 
 
 def ordered(tmp_path: Path, name: str, seed: int, count: int) -> np.ndarray:
@@ -86,7 +86,7 @@ def test_k_center_picks_the_farthest_point_each_time(tmp_path: Path) -> None:
     centers = torch.tensor([[0.0, 0.0]])
     assert k_center_greedy(pool, centers, 3).tolist() == [2, 3, 1]
     # no labels at all: still a full, distinct order (the cold-start order), from the task's own view
-    empty = ClassificationInputs([], [1, 2, 3, 4], [], [], torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), pool)
+    empty = ClassificationInputs.of([], [1, 2, 3, 4], torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), pool)
     order = CoresetStrategy().order(task(tmp_path).view(None, empty), 4, 0)
     assert sorted(order.tolist()) == [0, 1, 2, 3]
 

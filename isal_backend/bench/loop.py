@@ -1,25 +1,29 @@
-"""``bench loop``: the live loop against a real Label Studio, end to end.
+"""``bench loop``: the live loop against a real Label Studio, end to end, up to 100,000 tasks.
 
-It starts Label Studio (from ``LS_VENV``), the backend under gunicorn and one RQ worker on the local
-Redis, makes a project of ``--tasks`` small images, connects the backend with ``POST /api/ml`` and
-labels a first batch. Then, as an annotator would, it repeatedly takes the task ``/next`` serves and
-submits its annotation, and measures the **freshness**: the seconds from that submission until Label
-Studio serves the order of a new round (the project's ``model_version`` switches to it). Its
-baseline, measured in the same run, is the round's own duration and its parts (fetch, features,
-scoring, write-back), so the queueing overhead shows. Last, ``/webhook`` latency with 100 events in
-flight (Label Studio sends webhooks synchronously with a 1 s timeout).
+It starts Label Studio (from ``LS_VENV``), the backend under gunicorn and ``--workers`` RQ workers on the
+local Redis. The project's images are files in Label Studio's local-files storage (``/data/local-files/?d=``),
+imported in batches, as a real project of that size would be (data URLs would make every task list
+megabytes). It connects the backend with ``POST /api/ml`` and labels a first batch; the first round's
+time (which featurizes every image once, shared among the workers) is reported on its own.
+
+Then, as an annotator would, it repeatedly takes the task ``/next`` serves and submits its annotation,
+and measures the **freshness**: the seconds from that submission until Label Studio serves the order of
+a new round (the project's ``model_version`` switches to it). Its baselines, measured in the same run:
+the round's own duration and its parts (fetch, features, fit, s_test, score, write-back), and
+``/next`` with the backend idle against ``/next`` while a round runs. Last, ``/webhook`` latency with
+100 events in flight (Label Studio sends webhooks synchronously with a 1 s timeout).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import json
 import os
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -31,22 +35,37 @@ import requests
 from PIL import Image
 
 from isal_backend.bench.stack import REPO, backend_env, start_backend, start_label_studio, start_worker
-from isal_backend.bench.webhook_latency import measure_webhook_latency
+from isal_backend.bench.webhook_latency import measure_webhook_latency, percentile
 from isal_backend.labelstudio.client import LabelStudioClient
 from isal_backend.store import ModelStore
 
 CLASSES = ("red", "blue")
 CONFIG = ('<View><Image name="image" value="$image"/><Choices name="label" toName="image">'
           + "".join(f'<Choice value="{c}"/>' for c in CLASSES) + "</Choices></View>")
+IMPORT_BATCH = 5000
+FILES_FOLDER = "bench"
 
 
-def image_data_url(rng: np.random.Generator, label: int) -> str:
+def image_png(rng: np.random.Generator, label: int) -> bytes:
     """A 32x32 noisy image whose dominant channel is the class: learnable, all distinct."""
     pixels = rng.integers(0, 120, size=(32, 32, 3), dtype=np.uint8)
     pixels[..., 0 if label == 0 else 2] += rng.integers(60, 135, dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def write_images(root: Path, labels: np.ndarray, seed: int = 0) -> list[str]:
+    """One PNG per task under ``root/bench/<thousands>/``; returns each one's local-files reference."""
+    rng = np.random.default_rng(seed)
+    refs = []
+    for i, label in enumerate(labels.tolist()):
+        rel = f"{FILES_FOLDER}/{i // 1000:03d}/{i}.png"
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image_png(rng, int(label)))
+        refs.append(f"/data/local-files/?d={rel}")
+    return refs
 
 
 class Session:
@@ -56,7 +75,7 @@ class Session:
         self.http.headers["Authorization"] = f"Token {token}"
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        r = self.http.request(method, f"{self.url}{path}", timeout=300, **kwargs)
+        r = self.http.request(method, f"{self.url}{path}", timeout=600, **kwargs)
         if r.status_code >= 300:
             raise RuntimeError(f"{method} {path}: HTTP {r.status_code} {r.text[:300]}")
         return r.json() if r.content else None
@@ -66,16 +85,40 @@ class Session:
             {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]})
 
 
-def next_task(lsapi: Session, project: int, errors: list[str], tries: int = 10) -> int:
-    """``/next`` as the UI asks it; Label Studio on SQLite answers 500 ("database is locked") while another
-    request holds a long write (deleting a round's predictions), so failures are retried and counted."""
-    for _ in range(tries):
-        r = lsapi.http.get(f"{lsapi.url}/api/projects/{project}/next", timeout=300)
-        if r.status_code == 200:
-            return r.json()["id"]
-        errors.append(f"HTTP {r.status_code}")
-        time.sleep(1)
-    raise RuntimeError(f"/next failed {tries} times: {errors[-tries:]}")
+class NextProbe:
+    """``/next`` asked every ``interval_s`` on its own session (as another annotator's browser would)."""
+
+    def __init__(self, session: Session, project: int, interval_s: float = 0.25) -> None:
+        self.session, self.project, self.interval_s = session, project, interval_s
+        self.latencies: list[float] = []
+        self.errors: list[int] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def once(self) -> None:
+        start = time.perf_counter()
+        r = self.session.http.get(f"{self.session.url}/api/projects/{self.project}/next", timeout=300)
+        self.latencies.append(time.perf_counter() - start)
+        if r.status_code >= 500:
+            self.errors.append(r.status_code)
+
+    def __enter__(self) -> NextProbe:
+        def loop() -> None:
+            while not self._stop.wait(self.interval_s):
+                self.once()
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=300)
+
+
+def next_task(lsapi: Session, project: int) -> int:
+    return int(lsapi.call("GET", f"/api/projects/{project}/next")["id"])
 
 
 def idle(backend_url: str, project: int) -> bool:
@@ -94,73 +137,101 @@ def wait_for(predicate: Any, timeout_s: float, what: str, poll_s: float = 0.05) 
     raise TimeoutError(f"{what}: not within {timeout_s} s")
 
 
-def run(tasks: int, repeats: int, work: Path, ls_venv: Path, redis_url: str) -> dict[str, Any]:
+def _ms(values: list[float], q: float) -> float:
+    return round(1000 * percentile(values, q), 1) if values else float("nan")
+
+
+def run(tasks: int, repeats: int, work: Path, ls_venv: Path, redis_url: str, workers: int = 1,
+        extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, size=tasks)
     ls = start_label_studio(ls_venv, work / "label-studio")
+    started = time.perf_counter()
+    refs = write_images(ls.files_root, labels)
+    write_seconds = time.perf_counter() - started
     prefix = f"isal-bench-{uuid.uuid4().hex[:8]}"
     env = backend_env(work / "models", redis_url, {"ISAL_REDIS_PREFIX": prefix, "RQ_QUEUE": prefix,
-                                                   "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token})
-    backend = worker = None
+                                                   "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token,
+                                                   **(extra_env or {})})
+    backend = None
+    pool: list[Any] = []
     try:
         backend = start_backend(env, work / "backend.log")
-        worker = start_worker(env, work / "worker.log")
+        pool = [start_worker(env, work / f"worker{i}.log") for i in range(workers)]
         lsapi = Session(ls.url, ls.token)
         project = lsapi.call("POST", "/api/projects",
                              json={"title": f"bench loop {tasks}", "label_config": CONFIG})["id"]
-        for start in range(0, tasks, 1000):
-            chunk = [{"image": image_data_url(rng, int(y))} for y in labels[start : start + 1000]]
-            lsapi.call("POST", f"/api/projects/{project}/import", json=chunk)
+        lsapi.call("POST", "/api/storages/localfiles", json={"project": project, "title": "bench images",
+                                                             "path": str(ls.files_root / FILES_FOLDER),
+                                                             "use_blob_urls": True, "regex_filter": r".*\.png"})
+        started = time.perf_counter()
+        for start in range(0, tasks, IMPORT_BATCH):
+            lsapi.call("POST", f"/api/projects/{project}/import",
+                       json=[{"image": ref} for ref in refs[start : start + IMPORT_BATCH]])
+        import_seconds = time.perf_counter() - started
         with LabelStudioClient(ls.url, ls.token) as client:
-            ids = [t["id"] for t in client.list_tasks(project)]
-        truth = dict(zip(sorted(ids), labels.tolist(), strict=True))
+            ids = client.task_ids(project)
+        truth = dict(zip(ids, labels.tolist(), strict=True))
+        # Label Studio alone, nothing else running: the baseline of /next.
+        idle_probe = NextProbe(lsapi, project)
+        for _ in range(20):
+            idle_probe.once()
         lsapi.call("POST", "/api/ml", json={"url": backend.url, "project": project, "title": "isal"})
         store = ModelStore(work / "models")
 
-        seed_ids = [i for i in sorted(ids) if truth[i] == 0][:10] + [i for i in sorted(ids) if truth[i] == 1][:10]
+        seed_ids = [i for i in ids if truth[i] == 0][:10] + [i for i in ids if truth[i] == 1][:10]
+        started = time.perf_counter()
         for task_id in seed_ids:
             lsapi.annotate(task_id, CLASSES[truth[task_id]])
         first = wait_for(lambda: (s := store.load(project)) and s.report.get("labeled") == 20 and s.report,
-                         timeout_s=3600, what="first round on 20 labels", poll_s=0.5)
+                         timeout_s=6 * 3600, what="first round on 20 labels", poll_s=1.0)
+        first_seconds = time.perf_counter() - started
+        wait_for(lambda: idle(backend.url, project), 3600, "an idle project after the first round", 0.5)
 
         fresh, rounds = [], []
-        next_latency: list[float] = []
-        next_errors: list[str] = []
+        busy_probe = NextProbe(Session(ls.url, ls.token), project)
         for _ in range(repeats):
             before = lsapi.call("GET", f"/api/projects/{project}")["model_version"]
-            t = time.perf_counter()
-            task_id = next_task(lsapi, project, next_errors)
-            next_latency.append(time.perf_counter() - t)
+            task_id = next_task(lsapi, project)
             start = time.perf_counter()
-            lsapi.annotate(task_id, CLASSES[truth[task_id]])
-            new_version = wait_for(
-                lambda before=before: (v := lsapi.call("GET", f"/api/projects/{project}")["model_version"]) != before
-                and v, timeout_s=600, what="the new order")
-            fresh.append(time.perf_counter() - start)
+            with busy_probe:  # /next while the round runs, from another session
+                lsapi.annotate(task_id, CLASSES[truth[task_id]])
+                new_version = wait_for(
+                    lambda before=before: (v := lsapi.call("GET", f"/api/projects/{project}")["model_version"])
+                    != before and v, timeout_s=3600, what="the new order")
+                fresh.append(time.perf_counter() - start)
             # the round commits its model right after Label Studio serves its order
             rounds.append(wait_for(lambda v=new_version: v in store.rounds(project)
-                                   and store.load(project, v).report, 120, "the round's report"))
-            wait_for(lambda: idle(backend.url, project), 600, "an idle project (its clean-up included)", 0.2)
+                                   and store.load(project, v).report, 300, "the round's report"))
+            wait_for(lambda: idle(backend.url, project), 3600, "an idle project (its clean-up included)", 0.2)
 
         latency = measure_webhook_latency(f"{backend.url}/webhook", 500, 100, projects=(project,))
-        median_round = {k: statistics.median(r["timings"][k] for r in rounds) for k in rounds[0]["timings"]}
+        median_round = {k: statistics.median(r["timings"].get(k, 0.0) for r in rounds) for k in rounds[0]["timings"]}
         return {
             "tasks": tasks,
+            "workers": workers,
             "freshness_seconds": round(statistics.median(fresh), 3),
             "freshness_all_seconds": [round(f, 3) for f in fresh],
             "round_seconds": round(median_round["total_seconds"], 3),
             "round_timings": median_round,
-            "write_back_seconds": round(median_round["write_back_seconds"], 3),
+            "fetch_seconds": round(median_round["fetch_seconds"], 3),
+            "fetch_modes": [r.get("fetch", {}).get("mode") for r in rounds],
             "written_per_round": rounds[-1]["written"],
-            "first_round_seconds": first["timings"]["total_seconds"],
-            "next_task_seconds": round(statistics.median(next_latency), 3),
-            "next_task_errors": len(next_errors),
+            "first_round_seconds": round(first_seconds, 1),
+            "first_round_timings": first["timings"],
+            "first_round_shards": first.get("shards"),
+            "images_write_seconds": round(write_seconds, 1),
+            "import_seconds": round(import_seconds, 1),
+            "idle_next_p50_ms": _ms(idle_probe.latencies, 50), "idle_next_p99_ms": _ms(idle_probe.latencies, 99),
+            "busy_next_p50_ms": _ms(busy_probe.latencies, 50), "busy_next_p99_ms": _ms(busy_probe.latencies, 99),
+            "busy_next_samples": len(busy_probe.latencies),
+            "next_5xx": len(idle_probe.errors) + len(busy_probe.errors),
             "webhook_p50_ms": round(latency["p50_ms"], 2),
             "webhook_p99_ms": round(latency["p99_ms"], 2),
             "webhook_errors": latency.get("errors", 0),
         }
     finally:
-        for service in (worker, backend, ls):
+        for service in (*pool, backend, ls):
             if service is not None:
                 service.stop()
         r = redis.Redis.from_url(redis_url)
@@ -171,19 +242,19 @@ def run(tasks: int, repeats: int, work: Path, ls_venv: Path, redis_url: str) -> 
 def main(args: argparse.Namespace) -> int:
     ls_venv = Path(args.ls_venv or os.environ.get("LS_VENV") or REPO / ".ls-venv")
     work = Path(tempfile.mkdtemp(prefix="isal-bench-loop-"))
+    extra = dict(item.split("=", 1) for item in args.env or [])
     try:
-        figures = run(args.tasks, args.repeats, work, ls_venv, args.redis_url)
+        figures = run(args.tasks, args.repeats, work, ls_venv, args.redis_url, args.workers, extra)
     except BaseException:
-        print(f"bench loop failed; the logs of Label Studio, the backend and the worker are in {work}")
+        print(f"bench loop failed; the logs of Label Studio, the backend and the workers are in {work}")
         raise
     shutil.rmtree(work, ignore_errors=True)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"tasks {figures['tasks']}: freshness {figures['freshness_seconds']} s (median of {args.repeats}), "
-          f"baseline: the round itself {figures['round_seconds']} s, of which write-back "
-          f"{figures['write_back_seconds']} s; /next {figures['next_task_seconds']} s "
-          f"({figures['next_task_errors']} failed and retried); webhook p50/p99 "
-          f"{figures['webhook_p50_ms']}/{figures['webhook_p99_ms']} ms with 100 in flight")
+    print(f"tasks {figures['tasks']}, {figures['workers']} worker(s): freshness {figures['freshness_seconds']} s "
+          f"(median of {args.repeats}); baseline: the round itself {figures['round_seconds']} s, of which fetch "
+          f"{figures['fetch_seconds']} s ({figures['fetch_modes']}); first round {figures['first_round_seconds']} s; "
+          f"/next p99 {figures['busy_next_p99_ms']} ms during rounds against {figures['idle_next_p99_ms']} ms idle")
     print(json.dumps(figures, indent=2))
     return 0

@@ -23,6 +23,7 @@ from isal_backend.labelstudio.client import LabelStudioClient
 from isal_backend.labelstudio.config import LabelConfig, parse_project_config
 from isal_backend.labelstudio.datastore import LabelStudioDatastore
 from isal_backend.labelstudio.images import decode_image
+from isal_backend.labelstudio.mirror import TaskMirror
 from isal_backend.queue.context import current_job
 from isal_backend.round import Round
 from isal_backend.settings import Settings, project_credentials
@@ -36,14 +37,19 @@ log = logging.getLogger(__name__)
 
 #: Report fields too bulky for the status store (/metrics reads it on every scrape).
 BULKY = ("skipped", "notes", "top_tasks")
+#: The task mirror's file in a project's model-store folder.
+MIRROR_FILE = "mirror.sqlite3"
 #: The score of a prediction with nothing to place it by (no round yet, or a set-wise order).
 NEUTRAL_SCORE = 0.5
 
 
 def live_datastore(settings: Settings, project_id: int) -> LabelStudioDatastore:
-    """The project's Label Studio, with the environment's credentials or those /setup stored."""
+    """The project's Label Studio (the environment's credentials or those /setup stored), read through the
+    project's task mirror in the model store, so a round fetches only what changed."""
     credentials = project_credentials(settings, project_id)
-    return LabelStudioDatastore(LabelStudioClient(credentials.url, credentials.api_key), project_id)
+    mirror = TaskMirror.shared(ModelStore(settings.model_dir).project_dir(project_id) / MIRROR_FILE)
+    return LabelStudioDatastore(LabelStudioClient(credentials.url, credentials.api_key), project_id, mirror,
+                                settings.full_resync_seconds)
 
 
 def task_parts(settings: Settings, store: ModelStore, project_id: int) -> TaskParts:
@@ -90,6 +96,9 @@ def run_round(project_id: int) -> dict[str, Any]:
     report = Round(project_id, datastore, store, settings, task_parts(settings, store, project_id),
                    clean_up=clean_up_policy(settings, datastore)).run()
     record_round(int(project_id), {k: v for k, v in report.items() if k not in BULKY}, settings)
+    job = current_job()
+    if report.get("features_pending") and job is not None:
+        job.follow_up()  # the rest of a large import: the next round featurizes the next share
     return report
 
 
@@ -190,5 +199,5 @@ def featurize_shard(project_id: int, plan_id: str, index: int) -> dict[str, Any]
     def load(reference: str):
         return decode_image(datastore.image(reference), reference)
 
-    computed = run_shard(plan, index, lambda refs: featurizer(refs, load))
+    computed = run_shard(plan, index, lambda refs: featurizer.compute(refs, load))
     return {"shard": index, "computed": computed}

@@ -281,6 +281,61 @@ class LabelStudioClient:
             return None
         return rows[0]["updated_at"]
 
+    # ---------------------------------------------------------------- what changed (the task mirror's queries)
+
+    def _task_pages(self, project_id: int, what: str, params: Mapping[str, Any],
+                    page_size: int = 1000) -> list[dict[str, Any]]:
+        """Every row of a (Data Manager) task query, page by page."""
+        rows: list[dict[str, Any]] = []
+        page = 1
+        while True:
+            body = self._json("GET", "api/tasks/", what,
+                              params={"project": project_id, "page": page, "page_size": page_size, **params})
+            batch = body.get("tasks") if isinstance(body, dict) else None
+            rows += batch or []
+            if not batch or len(rows) >= int(body.get("total") or 0):
+                return rows
+            page += 1
+
+    def newest_task_update(self, project_id: int) -> str | None:
+        """The newest ``updated_at`` of any task of the project (one row), or None for an empty project."""
+        query = {"ordering": ["-tasks:updated_at"]}
+        body = self._json("GET", "api/tasks/", f"read the newest task change of project {project_id}",
+                          params={"project": project_id, "page_size": 1, "include": "id,updated_at",
+                                  "query": json.dumps(query)})
+        rows = body.get("tasks") if isinstance(body, dict) else None
+        return rows[0].get("updated_at") if rows and isinstance(rows[0], dict) else None
+
+    def tasks_updated_since(self, project_id: int, since: str) -> list[dict[str, Any]]:
+        """Tasks whose ``updated_at`` is after ``since`` (Label Studio's ``%Y-%m-%dT%H:%M:%S.%fZ``), oldest first.
+
+        Label Studio bumps a task's ``updated_at`` when one of its annotations is saved, updated, skipped or
+        deleted and when it is imported; predictions do not (measured on 1.23.2). Lean rows: id, data,
+        updated_at and the annotation counts.
+        """
+        query = {"filters": {"conjunction": "and", "items": [
+            {"filter": "filter:tasks:updated_at", "operator": "greater", "type": "Datetime", "value": since}]},
+            "ordering": ["tasks:updated_at"]}
+        return self._task_pages(project_id, f"list the changed tasks of project {project_id}",
+                                {"include": "id,data,updated_at,total_annotations,cancelled_annotations",
+                                 "query": json.dumps(query)})
+
+    def tasks_with_annotations(self, project_id: int, task_ids: Sequence[int], chunk: int = 100
+                               ) -> list[dict[str, Any]]:
+        """The given tasks with all their annotations, cancelled ones included (100 a request)."""
+        out: list[dict[str, Any]] = []
+        ids = [int(i) for i in task_ids]
+        for start in range(0, len(ids), chunk):
+            query = {"selectedItems": {"all": False, "included": ids[start : start + chunk]}}
+            out += self._task_pages(project_id, f"read {len(ids[start:start + chunk])} tasks of project {project_id}",
+                                    {"fields": "all", "query": json.dumps(query)}, page_size=chunk)
+        return out
+
+    def task_ids(self, project_id: int) -> list[int]:
+        """Every task id of the project."""
+        return sorted(int(r["id"]) for r in self._task_pages(project_id, f"list the task ids of project {project_id}",
+                                                              {"include": "id"}, page_size=5000))
+
     # ---------------------------------------------------------------- images
 
     def download(self, url_or_path: str) -> bytes:

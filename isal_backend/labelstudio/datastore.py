@@ -1,4 +1,8 @@
-"""A Label Studio project as the round's datastore (:class:`isal_backend.datastore.Datastore`)."""
+"""A Label Studio project as the round's datastore (:class:`isal_backend.datastore.Datastore`).
+
+With a :class:`~isal_backend.labelstudio.mirror.TaskMirror` a round reads from Label Studio only what changed
+since the last one (see :func:`~isal_backend.labelstudio.mirror.sync`); without one, everything every time.
+"""
 
 from __future__ import annotations
 
@@ -6,30 +10,48 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from isal_backend.labelstudio.client import LabelStudioClient
+from isal_backend.labelstudio.mirror import TaskMirror, normalize, sync
 
 
 class LabelStudioDatastore:
     """One project of one Label Studio, through :class:`LabelStudioClient` (no torch here)."""
 
-    def __init__(self, client: LabelStudioClient, project_id: int) -> None:
+    def __init__(self, client: LabelStudioClient, project_id: int, mirror: TaskMirror | None = None,
+                 resync_seconds: float = 3600.0) -> None:
         self.client = client
         self.project_id = int(project_id)
-        self._label_config: str | None = None
+        self.mirror = mirror
+        self.resync_seconds = resync_seconds
+        self._project: dict[str, Any] | None = None
+        self._fetch_report: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"LabelStudioDatastore({self.client!r}, project={self.project_id})"
 
+    def project(self) -> dict[str, Any]:
+        """The project as Label Studio returns it, read once per datastore (a datastore serves one round)."""
+        if self._project is None:
+            self._project = self.client.get_project(self.project_id)
+        return self._project
+
     def label_config(self) -> str:
-        if self._label_config is None:
-            self._label_config = str(self.client.get_project(self.project_id)["label_config"])
-        return self._label_config
+        return str(self.project()["label_config"])
 
     def tasks(self) -> list[dict[str, Any]]:
-        return self.client.list_tasks(self.project_id)
+        if self.mirror is None:
+            self._fetch_report = {"mode": "full", "reason": "no mirror"}
+            return self.client.list_tasks(self.project_id)
+        number = self.project().get("task_number")
+        self._fetch_report = sync(self.client, self.mirror, self.project_id,
+                                  int(number) if isinstance(number, int) else None, self.resync_seconds)
+        return self.mirror.tasks()
+
+    def fetch_report(self) -> dict[str, Any]:
+        return dict(self._fetch_report)
 
     def tasks_by_id(self, task_ids: Iterable[int]) -> list[dict[str, Any]]:
-        wanted = {int(t) for t in task_ids}
-        return [t for t in self.client.list_tasks(self.project_id) if t["id"] in wanted]
+        ids = sorted({int(t) for t in task_ids})
+        return [normalize(t) for t in self.client.tasks_with_annotations(self.project_id, ids)]
 
     def image(self, reference: str) -> bytes:
         return self.client.download(reference)

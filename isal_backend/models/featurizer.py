@@ -7,6 +7,7 @@ makes "retrain on every annotation" cheap.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 import threading
@@ -26,8 +27,18 @@ _LOCK = threading.Lock()
 STOCK = "stock"
 
 
+@functools.lru_cache(maxsize=262_144)
+def _short_key(reference: str) -> str:
+    return hashlib.sha1(reference.encode("utf-8")).hexdigest()
+
+
 def cache_key(reference: str) -> str:
-    """A short, stable key for an image reference (data URLs can be megabytes long)."""
+    """A short, stable key for an image reference (data URLs can be megabytes long).
+
+    Short references (URLs, paths) are remembered per process: a round over 100,000 tasks hashes each once.
+    """
+    if len(reference) <= 2048:
+        return _short_key(reference)
     return hashlib.sha1(reference.encode("utf-8")).hexdigest()
 
 
@@ -64,7 +75,7 @@ class Featurizer:
         self.weights = weights
         self.image_size = image_size
         folder = Path(cache_dir) / (backbone if image_size is None else f"{backbone}-{image_size}px")
-        self.cache = FeatureCache(folder if version == STOCK else folder / "finetuned" / version)
+        self.cache = FeatureCache.shared(folder if version == STOCK else folder / "finetuned" / version)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -85,35 +96,46 @@ class Featurizer:
     def missing(self, references: list[str]) -> list[str]:
         """The references (deduplicated) whose features are not cached yet."""
         unique = list(dict.fromkeys(references))
-        cached = self.cache.get_many([cache_key(r) for r in unique])
-        return [r for r in unique if cache_key(r) not in cached]
+        present = self.cache.contains([cache_key(r) for r in unique])
+        return [r for r, there in zip(unique, present, strict=True) if not there]
+
+    def compute(self, references: list[str], load: Callable[[str], Image.Image]) -> dict[str, str]:
+        """Extract and cache the features of ``references``; returns a reason for each one that failed."""
+        failures: dict[str, str] = {}
+        if not references:
+            return failures
+        net, preprocess = self._loaded()
+        for start in range(0, len(references), self.batch_size):
+            batch_refs, arrays = [], []
+            for ref in references[start : start + self.batch_size]:
+                try:
+                    image = load(ref).convert("RGB").resize((preprocess.size, preprocess.size),
+                                                            Image.Resampling.BILINEAR)
+                except Exception as exc:  # noqa: BLE001 - every failure is reported per image
+                    failures[ref] = f"{type(exc).__name__}: {exc}"
+                    continue
+                batch_refs.append(ref)
+                arrays.append(np.asarray(image, dtype=np.uint8))
+            if not arrays:
+                continue
+            feats = extract_features(net, preprocess, torch.from_numpy(np.stack(arrays)),
+                                     batch_size=self.batch_size, device=self.device)
+            self.cache.put_many([cache_key(r) for r in batch_refs], feats)
+        return failures
 
     def __call__(
         self, references: list[str], load: Callable[[str], Image.Image]
     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Features for each reference (by reference) and a reason for each one that failed."""
+        failures = self.compute(self.missing(references), load)
         keys = {ref: cache_key(ref) for ref in references}
         cached = self.cache.get_many(list(set(keys.values())))
-        out = {ref: cached[key] for ref, key in keys.items() if key in cached}
-        missing = [ref for ref in dict.fromkeys(references) if ref not in out]
-        failures: dict[str, str] = {}
-        if missing:
-            net, preprocess = self._loaded()
-            for start in range(0, len(missing), self.batch_size):
-                batch_refs, arrays = [], []
-                for ref in missing[start : start + self.batch_size]:
-                    try:
-                        image = load(ref).convert("RGB").resize((preprocess.size, preprocess.size),
-                                                                Image.Resampling.BILINEAR)
-                    except Exception as exc:  # noqa: BLE001 - every failure is reported per image
-                        failures[ref] = f"{type(exc).__name__}: {exc}"
-                        continue
-                    batch_refs.append(ref)
-                    arrays.append(np.asarray(image, dtype=np.uint8))
-                if not arrays:
-                    continue
-                feats = extract_features(net, preprocess, torch.from_numpy(np.stack(arrays)),
-                                         batch_size=self.batch_size, device=self.device)
-                self.cache.put_many([keys[r] for r in batch_refs], feats)
-                out.update(zip(batch_refs, feats, strict=True))
-        return out, failures
+        return {ref: cached[key] for ref, key in keys.items() if key in cached}, failures
+
+    def matrix(self, references: list[str], load: Callable[[str], Image.Image]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                           dict[str, str]]:
+        """The features of ``references`` as one matrix (a row each, zeros where the image failed), the mask of
+        rows that have features, and a reason for each reference that failed."""
+        failures = self.compute(self.missing(references), load)
+        rows, found = self.cache.matrix([cache_key(r) for r in references], self.model.feature_dim)
+        return rows, found, failures

@@ -9,7 +9,8 @@ pool grows, and refitted only when the pool's size moved by more than ``REFIT_CH
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,13 +22,16 @@ MAX_ROWS = 4096
 
 @dataclass(frozen=True, eq=False)
 class Projection:
-    """``x -> (x - mean) @ basis / scale``, in float64."""
+    """``x -> (x - mean) @ basis / scale``: computed in float32 (features are stored as float32; a 100,000 x 1280
+    pool would be a gigabyte in float64), returned as float64 for the heads."""
 
     mean: torch.Tensor  # (d,)
     basis: torch.Tensor  # (d, k)
     scale: torch.Tensor  # () sqrt of the kept components' mean variance
     fitted_on: int  # how many feature rows the pool had when it was fitted
     explained: float  # share of the variance the kept components carry
+    #: Names this fit (stored with the round): projected rows cached under it stay valid while it is in use.
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def in_dim(self) -> int:
@@ -38,21 +42,31 @@ class Projection:
         return int(self.basis.shape[1])
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        return (features.double() - self.mean) @ self.basis / self.scale
+        x = features.float() - self.mean.float()
+        return (x @ (self.basis / self.scale).float()).double()
 
     def still_fits(self, rows: int, in_dim: int) -> bool:
         """Whether this projection may be reused for a pool of ``rows`` features of width ``in_dim``."""
         return in_dim == self.in_dim and abs(rows - self.fitted_on) <= REFIT_CHANGE * self.fitted_on
 
+    @staticmethod
+    def sample(rows: int, max_rows: int = MAX_ROWS, seed: int = 0) -> np.ndarray:
+        """The rows a fit over ``rows`` features reads: all, or a fixed-seed sample of ``max_rows``."""
+        if rows <= max_rows:
+            return np.arange(rows)
+        return np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
+
     @classmethod
-    def fit(cls, features: torch.Tensor, dim: int, max_rows: int = MAX_ROWS, seed: int = 0) -> Projection:
-        """PCA to at most ``dim`` components of (a fixed-seed sample of at most ``max_rows`` of) ``features``."""
+    def fit(cls, features: torch.Tensor, dim: int, max_rows: int = MAX_ROWS, seed: int = 0,
+            rows: int | None = None) -> Projection:
+        """PCA to at most ``dim`` components of (a fixed-seed sample of at most ``max_rows`` of) ``features``.
+
+        ``rows``: the pool's size when ``features`` is already its :meth:`sample` (the caller read only those).
+        """
         if features.ndim != 2 or features.shape[0] < 2:
             raise ValueError(f"a projection needs at least 2 feature rows, got shape {tuple(features.shape)}")
-        rows = features.shape[0]
-        sample = features
-        if rows > max_rows:
-            sample = features[np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))]
+        sample = features if rows is not None else features[Projection.sample(features.shape[0], max_rows, seed)]
+        rows = rows if rows is not None else features.shape[0]
         x = sample.double()
         mean = x.mean(dim=0)
         centered = x - mean

@@ -26,10 +26,19 @@ class JobContext:
     status_store: Any = None  # isal_backend.status.StatusStore
     #: Whether a job of the same kind and project waits behind this one (it will see a newer state).
     successor_waiting: Callable[[], bool] | None = None
+    #: Queues another round of this project (absorbed if one already waits).
+    submit_round: Callable[[], Any] | None = None
 
     def superseded(self) -> bool:
         """True when a newer job of this kind waits: optional work (clean-up) can be left to it."""
         return bool(self.successor_waiting and self.successor_waiting())
+
+    def follow_up(self) -> bool:
+        """Ask for another round of this project (work this one left on purpose); False outside a queue."""
+        if self.submit_round is None:
+            return False
+        self.submit_round()
+        return True
 
 
 _current: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar("isal_job", default=None)

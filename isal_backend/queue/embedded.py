@@ -171,7 +171,8 @@ class EmbeddedCoalescer:
                 task_ids = tuple(sorted(proj.task_ids))
                 proj.task_ids.clear()
         ctx = JobContext(item.kind, item.project_id, item.job_id, events, task_ids, None, "embedded", self.store,
-                         successor_waiting=lambda: item.kind in proj.pending)
+                         successor_waiting=lambda: item.kind in proj.pending,
+                         submit_round=lambda: self.submit(ROUND, item.project_id))
         token = set_current_job(ctx)
         started = time.time()
         try:

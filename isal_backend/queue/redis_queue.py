@@ -372,7 +372,9 @@ def run_job(kind: str, project_id: int, config: dict[str, Any]) -> dict[str, Any
         logger.error("project %s: took over from %s, whose worker died", project_id, took_over)
         record_job_outcome(project_id, kind, took_over, Outcome.LOST, error="worker died", store=co.status_store)
     ctx = JobContext(kind, int(project_id), job.id, events, task_ids, took_over, "redis", co.status_store,
-                     successor_waiting=lambda: bool(co.redis.hget(key, f"pend_{kind}")))
+                     successor_waiting=lambda: bool(co.redis.hget(key, f"pend_{kind}")),
+                     submit_round=lambda: RedisCoalescer.from_settings(Settings.from_env()).submit(
+                         ROUND, int(project_id), count_event=False))
     beat = _Heartbeat(lambda: co._heartbeat(keys=[key], args=[job.id, lease_ms]), lease_ms / 3000)
     beat.start()
     token = set_current_job(ctx)

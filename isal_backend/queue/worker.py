@@ -1,5 +1,10 @@
 """``python -m isal_backend worker [--burst] [--name NAME]``: an RQ worker for the backend's queue.
 
+Jobs run in the worker process itself (RQ's :class:`~rq.SimpleWorker`, no fork per job): what a round
+builds for a project and the next one reuses (the task mirror's copy, the feature cache's index, the
+projected features) stays in memory between rounds, so a round of a 100,000-task project reads only what
+changed. A job that crashes the process is recovered like a killed worker (leases and the sweeper).
+
 Besides RQ's work loop it runs, on threads of the worker process:
 
 * the coalescing sweeper (at start and every half lease), so a project whose worker was killed mid-job is
@@ -20,7 +25,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from redis import Redis
-from rq import Queue, Worker
+from rq import Queue, SimpleWorker
 from rq.scheduler import SCHEDULER_KEY_TEMPLATE, RQScheduler
 from rq.scripts import release_lock
 
@@ -150,11 +155,9 @@ class Sweeper:
 
 
 def preload_job_code() -> float:
-    """Import the job code (torch, torchvision, the optimiser machinery) once, before RQ forks.
+    """Import the job code (torch, torchvision, the optimiser machinery) at start, before the first job.
 
-    RQ runs every job in a fresh fork of this process: what is imported here is inherited for free, what
-    is not is imported again by every job (measured: about 6 s of a 10 s round on 2 cores). Only imports
-    happen here, no torch computation, so the forks start from a clean thread pool.
+    Otherwise the first round pays for it (measured: about 6 s on 2 cores) while its annotator waits.
     """
     start = time.perf_counter()
     import torch._dynamo  # noqa: F401 - torch.optim's LBFGS pulls it in on first use
@@ -196,7 +199,8 @@ def main(args: argparse.Namespace) -> int:
     scheduler.tick()  # before the first job: a due retry need not wait a tick
     for thread in threads:
         thread.start()
-    worker = Worker([Queue(settings.rq_queue, connection=conn)], connection=conn, name=getattr(args, "name", None))
+    worker = SimpleWorker([Queue(settings.rq_queue, connection=conn)], connection=conn,
+                          name=getattr(args, "name", None))
     logger.info("worker %s on queue %s (%r)", worker.name, settings.rq_queue, settings)
     try:
         # with_scheduler=False: RetryScheduler above is RQ's scheduler, run so that a dead worker cannot stall it.

@@ -24,6 +24,7 @@ from werkzeug.exceptions import HTTPException
 
 from isal_backend.labelstudio.client import LabelStudioAPIError, LabelStudioUnavailable
 from isal_backend.labelstudio.config import LabelConfigError, parse_project_config
+from isal_backend.labelstudio.mirror import request_resync
 from isal_backend.queue import ROUND, SCORE, Coalescer, make_coalescer
 from isal_backend.server.durable import JOURNALED, DurableSubmitter
 from isal_backend.server.ls_link import ProjectLinks, SetupRefused
@@ -34,6 +35,8 @@ from isal_backend.settings import Settings, SettingsError, configure_logging, pr
 from isal_backend.status import last_rounds, project_status
 
 logger = logging.getLogger(__name__)
+#: Events after which the next round rereads every task from Label Studio instead of only what changed.
+FULL_RESYNC_ACTIONS = frozenset({"START_TRAINING"})
 INITIAL_VERSION = "initial"
 PUBLIC_ENDPOINTS = frozenset({"health"})
 #: Deeper JSON is refused (400): Label Studio's bodies nest about 6 levels, and deep nesting is how a small
@@ -267,6 +270,8 @@ def webhook() -> tuple[Response, int]:
             raise
         action = event.action
         jobs = []
+        if action in FULL_RESYNC_ACTIONS:  # the user asked for a fresh look: the round rereads every task
+            request_resync(state.settings.model_dir / "projects" / str(event.project_id))
         if event.retrain:
             jobs.append(state.submitter.submit(ROUND, event.project_id, action=action))
         if event.score_task_ids:

@@ -29,9 +29,10 @@ from isal_backend.influence import HeadInfluence, LinearHead, check_top_k, fit_l
 from isal_backend.labelstudio.config import ClassificationConfig
 from isal_backend.labelstudio.convert import AnnotationSkipped, prediction_result, task_label
 from isal_backend.labelstudio.images import decode_image
-from isal_backend.models.featurizer import STOCK, Featurizer
+from isal_backend.models.featurizer import STOCK, Featurizer, cache_key
 from isal_backend.models.finetune import finetune_backbone
 from isal_backend.models.projection import Projection
+from isal_backend.models.rows import CachedRows, FeatureRows, MatrixRows
 from isal_backend.store import RoundState
 from isal_backend.strategies.base import SignalMissing
 from isal_backend.strategies.isal import PAPER_OPTIONS, IsalOptions
@@ -116,15 +117,43 @@ def resolved_top_k(top_k: int | None, num_classes: int) -> int:
 
 @dataclass
 class ClassificationInputs(Inputs):
-    """Backbone features (float32, not yet projected) of the labeled tasks and of the pool."""
+    """The labeled tasks' and the pool's feature rows (by cache key, read as needed), and the labels."""
 
-    labeled_features: torch.Tensor
+    labeled_keys: list[str]
     labeled_labels: torch.Tensor
-    pool_features: torch.Tensor
+    pool_keys: list[str]
+    rows: FeatureRows
     #: ``ISAL_TRAIN_MODE=finetune``: the backbone these features came from (this round's fine-tuning).
     backbone_weights: dict[str, torch.Tensor] | None = None
     backbone_version: str | None = None
     report: dict[str, Any] = field(default_factory=dict)
+    #: ``(labeled, pool)`` projected by one projection, kept so every step of a round projects once.
+    _projected: tuple[object, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, labeled_ids: list[int], pool_ids: list[int], labeled_features: torch.Tensor,
+           labeled_labels: torch.Tensor, pool_features: torch.Tensor) -> ClassificationInputs:
+        """Inputs from feature matrices held in memory (tools and tests)."""
+        labeled_keys = [f"labeled-{i}" for i in labeled_ids]
+        pool_keys = [f"pool-{i}" for i in pool_ids]
+        rows = MatrixRows(labeled_keys + pool_keys, torch.cat([labeled_features, pool_features]))
+        return cls(list(labeled_ids), list(pool_ids), [], [], labeled_keys, labeled_labels, pool_keys, rows)
+
+    @property
+    def labeled_features(self) -> torch.Tensor:
+        """Raw features of the labeled tasks (read on demand)."""
+        return self.rows.raw(self.labeled_keys)
+
+    @property
+    def size(self) -> int:
+        return len(self.labeled_keys) + len(self.pool_keys)
+
+    def projected(self, projection: Projection | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(labeled, pool)`` features through ``projection`` (None: raw, as float64), computed once."""
+        if self._projected is None or self._projected[0] is not projection:
+            both = self.rows.projected(self.labeled_keys + self.pool_keys, projection)
+            self._projected = (projection, both[: len(self.labeled_keys)], both[len(self.labeled_keys):])
+        return self._projected[1], self._projected[2]
 
 
 @dataclass
@@ -144,9 +173,8 @@ class ClassificationModel:
     backbone_version: str | None = None
     pool_keys: torch.Tensor | None = None
     strategy: str | None = None
-
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        return self.projection(features) if self.projection is not None else features.double()
+    #: The influence of the pool this round's s_test step scored (not stored; the view reuses it).
+    pool_influence: torch.Tensor | None = None
 
 
 class ClassificationView:
@@ -154,9 +182,9 @@ class ClassificationView:
 
     def __init__(self, model: ClassificationModel, inputs: ClassificationInputs) -> None:
         self.model = model
-        self.pool = model.project(inputs.pool_features)
-        self.labeled = model.project(inputs.labeled_features)
+        self.labeled, self.pool = inputs.projected(model.projection)
         self._probs: torch.Tensor | None = None
+        self._influence: torch.Tensor | None = model.pool_influence
 
     @property
     def size(self) -> int:
@@ -179,9 +207,11 @@ class ClassificationView:
         return self.probabilities().argmax(dim=1)
 
     def influence(self) -> torch.Tensor:
-        if not self.model.units:
-            raise SignalMissing("no influence units: the round's s_test step did not run for this model")
-        return score_units(self.model.units, self.pool, self.model.top_k)
+        if self._influence is None:
+            if not self.model.units:
+                raise SignalMissing("no influence units: the round's s_test step did not run for this model")
+            self._influence = score_units(self.model.units, self.pool, self.model.top_k)
+        return self._influence
 
 
 def _can_hold_out(labels: torch.Tensor) -> str | None:
@@ -242,32 +272,48 @@ class ClassificationTask(Task[ClassificationInputs, ClassificationModel]):
         labeled_tasks = [t for t, _ in split.labeled]
         refs = self._references([*labeled_tasks, *split.unlabeled], skipped)
         report: dict[str, Any] = {}
-        if self.parts.sharder is not None and featurizer.version == STOCK:
-            missing = featurizer.missing(list(refs.values()))
-            if len(missing) > self.settings.shard_size:
-                start = time.perf_counter()
-                report["shards"] = self.parts.sharder(missing, lambda r: featurizer(r, load))
-                report["shards_seconds"] = round(time.perf_counter() - start, 4)
-        feats, failures = featurizer(list(refs.values()), load)
+        # Labeled images first (training needs them); at most ISAL_ROUND_NEW_IMAGES new ones a round, so a
+        # large import is featurized over several rounds, each serving an order of what is done so far.
+        labeled_refs = {refs[int(t["id"])] for t in labeled_tasks if int(t["id"]) in refs}
+        missing = sorted(featurizer.missing(list(refs.values())), key=lambda r: r not in labeled_refs)
+        budget = self.settings.round_new_images or len(missing)
+        now, pending = missing[:budget], set(missing[budget:])
+        if self.parts.sharder is not None and featurizer.version == STOCK and len(now) > self.settings.shard_size:
+            start = time.perf_counter()
+            report["shards"] = self.parts.sharder(now, lambda r: featurizer.compute(r, load))
+            report["shards_seconds"] = round(time.perf_counter() - start, 4)
+        failures = featurizer.compute(featurizer.missing(now), load)
+        if pending:
+            report["features_pending"] = len(pending)
         label_of = {int(t["id"]): y for t, y in split.labeled}
-        kept_labeled = self._kept(labeled_tasks, refs, feats, failures, skipped)
-        kept_pool = self._kept(split.unlabeled, refs, feats, failures, skipped)
-        labels = torch.tensor([label_of[int(t["id"])] for t in kept_labeled], dtype=torch.long)
-        weights = version = None
-        if self.settings.train_mode == "finetune" and _can_hold_out(labels) is None:
-            weights, version, report["finetune"] = self._finetune(featurizer, kept_labeled, refs, labels, load)
-            featurizer = Featurizer(self.settings.backbone, self.parts.project_dir / "features", self.settings.device,
-                                    version=version, weights=weights, image_size=self.settings.image_size)
-            feats, failures = featurizer(list(refs.values()), load)
-        dim = featurizer.model.feature_dim
-
-        def stack(tasks: list[dict[str, Any]]) -> torch.Tensor:
-            return torch.stack([feats[refs[int(t["id"])]] for t in tasks]) if tasks else torch.zeros(0, dim)
-
-        return ClassificationInputs(
-            labeled_ids=[int(t["id"]) for t in kept_labeled], pool_ids=[int(t["id"]) for t in kept_pool],
-            skipped=skipped, notes=list(split.notes), labeled_features=stack(kept_labeled), labeled_labels=labels,
-            pool_features=stack(kept_pool), backbone_weights=weights, backbone_version=version, report=report)
+        labeled_keys, labels, labeled_ids, pool_keys, pool_ids = [], [], [], [], []
+        for task in [*labeled_tasks, *split.unlabeled]:
+            task_id = int(task["id"])
+            reference = refs.get(task_id)
+            if reference is None or reference in pending:
+                continue
+            if reference in failures:
+                skipped.append({"task": task["id"], "reason": f"image could not be loaded: {failures[reference]}"})
+            elif task_id in label_of:
+                labeled_ids.append(task_id)
+                labeled_keys.append(cache_key(reference))
+                labels.append(label_of[task_id])
+            else:
+                pool_ids.append(task_id)
+                pool_keys.append(cache_key(reference))
+        inputs = ClassificationInputs(
+            labeled_ids, pool_ids, skipped, list(split.notes), labeled_keys, torch.tensor(labels, dtype=torch.long),
+            pool_keys, CachedRows(featurizer.cache, featurizer.model.feature_dim), report=report)
+        if self.settings.train_mode == "finetune" and _can_hold_out(inputs.labeled_labels) is None:
+            by_id = {int(t["id"]): t for t in labeled_tasks}
+            weights, version, report["finetune"] = self._finetune(
+                featurizer, [by_id[i] for i in labeled_ids], refs, inputs.labeled_labels, load)
+            tuned = Featurizer(self.settings.backbone, self.parts.project_dir / "features", self.settings.device,
+                               version=version, weights=weights, image_size=self.settings.image_size)
+            tuned.compute(tuned.missing([refs[i] for i in labeled_ids + pool_ids]), load)
+            inputs.rows = CachedRows(tuned.cache, tuned.model.feature_dim)
+            inputs.backbone_weights, inputs.backbone_version = weights, version
+        return inputs
 
     def _references(self, tasks: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> dict[int, str]:
         refs: dict[int, str] = {}
@@ -277,20 +323,6 @@ class ClassificationTask(Task[ClassificationInputs, ClassificationModel]):
             except ValueError as exc:
                 skipped.append({"task": task.get("id"), "reason": str(exc)})
         return refs
-
-    @staticmethod
-    def _kept(tasks: list[dict[str, Any]], refs: dict[int, str], feats: dict[str, torch.Tensor],
-              failures: dict[str, str], skipped: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        kept = []
-        for task in tasks:
-            ref = refs.get(int(task["id"]))
-            if ref is None:
-                continue
-            if ref in feats:
-                kept.append(task)
-            else:
-                skipped.append({"task": task["id"], "reason": f"image could not be loaded: {failures.get(ref)}"})
-        return kept
 
     def _finetune(self, featurizer: Featurizer, tasks: list[dict[str, Any]], refs: dict[int, str],
                   labels: torch.Tensor, load: Any) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
@@ -317,7 +349,7 @@ class ClassificationTask(Task[ClassificationInputs, ClassificationModel]):
         reason = _can_hold_out(inputs.labeled_labels)
         if reason is not None:
             return ColdStart(reason, model), info
-        x, y = model.project(inputs.labeled_features), inputs.labeled_labels
+        x, y = inputs.projected(model.projection)[0], inputs.labeled_labels
         num_classes, decay = len(self.labels), self.settings.weight_decay
         warm = previous.head if previous is not None and previous.projection is model.projection else None
         with single_torch_thread():
@@ -336,15 +368,16 @@ class ClassificationTask(Task[ClassificationInputs, ClassificationModel]):
     def _projection(self, inputs: ClassificationInputs,
                     previous: ClassificationModel | None) -> tuple[Projection | None, dict[str, Any]]:
         dim = self.settings.feature_dim
-        rows = inputs.labeled_features.shape[0] + inputs.pool_features.shape[0]
-        width = inputs.pool_features.shape[1] if rows else 0
+        rows, width = inputs.size, inputs.rows.dim
         if dim == 0 or rows < 2:
             return None, {"projection": "none"}
         old = previous.projection if previous is not None and inputs.backbone_version is None else None
         if old is not None and old.dim == min(dim, width) and old.still_fits(rows, width):
             return old, {"projection": {"dim": old.dim, "fitted_on": old.fitted_on, "reused": True}}
+        keys = inputs.labeled_keys + inputs.pool_keys
+        sample = inputs.rows.raw([keys[int(i)] for i in Projection.sample(rows)])  # <= 4,096 rows are read
         with single_torch_thread():
-            projection = Projection.fit(torch.cat([inputs.labeled_features, inputs.pool_features]), dim)
+            projection = Projection.fit(sample, dim, rows=rows)
         return projection, {"projection": {"dim": projection.dim, "fitted_on": rows, "reused": False,
                                            "explained_variance": projection.explained}}
 
@@ -352,8 +385,7 @@ class ClassificationTask(Task[ClassificationInputs, ClassificationModel]):
     def influence(self, model: ClassificationModel, inputs: ClassificationInputs, options: IsalOptions,
                   seed: int) -> tuple[ClassificationModel, dict[str, Any]]:
         assert model.head is not None, "influence needs a fitted model"
-        x, y = model.project(inputs.labeled_features), inputs.labeled_labels
-        pool = model.project(inputs.pool_features)
+        (x, pool), y = inputs.projected(model.projection), inputs.labeled_labels
         num_classes, decay = len(self.labels), self.settings.weight_decay
         model.top_k = resolved_top_k(options.top_k, num_classes)
         everything = np.arange(y.shape[0])
@@ -370,20 +402,23 @@ class ClassificationTask(Task[ClassificationInputs, ClassificationModel]):
             else:
                 train, ref = holdout_split(y, options.holdout_fraction, seed)
                 pairs = [(train, ref, fit_linear_head(x[train], y[train], num_classes, decay, init=model.head))]
-            units, seconds, residuals, iterations = [], 0.0, [], 0
+            units, pool_scores, seconds, residuals, iterations = [], [], 0.0, [], 0
             for j, (train, ref, head) in enumerate(pairs):
                 problem = HeadInfluence(head, x[train], x[ref], y[ref], pool, decay)
                 s_test, solve = solve_s_test(problem, options.solver.with_seed(seed + j))
                 unit = InfluenceUnit(head, s_test)
+                scores = unit.score(pool, model.top_k)
                 if options.reference == "crossfit":  # standardised, so the folds' scores average fairly
-                    std = float(unit.score(pool, model.top_k).std()) if pool.shape[0] > 1 else 0.0
+                    std = float(scores.std()) if pool.shape[0] > 1 else 0.0
                     unit.scale = std if std > 0 else 1.0
                 units.append(unit)
+                pool_scores.append(scores / unit.scale)
                 seconds += solve.seconds
                 iterations += solve.iterations
                 if solve.relative_residual is not None:
                     residuals.append(solve.relative_residual)
         model.units = units
+        model.pool_influence = torch.stack(pool_scores).mean(dim=0) if pool_scores else None
         info: dict[str, Any] = {"top_k": model.top_k, "influence_units": len(units),
                                 "s_test_seconds": round(seconds, 4), "s_test_iterations": iterations,
                                 "reference_size": int(sum(len(ref) for _, ref, _ in pairs))}
@@ -407,7 +442,7 @@ class ClassificationTask(Task[ClassificationInputs, ClassificationModel]):
     def evaluate(self, model: ClassificationModel, inputs: ClassificationInputs) -> dict[str, float]:
         if model.head is None or not inputs.labeled_ids:
             return {"accuracy": float("nan")}
-        probs = model.head.probs(model.project(inputs.labeled_features).to(model.head.weight.dtype))
+        probs = model.head.probs(inputs.projected(model.projection)[0].to(model.head.weight.dtype))
         return {"accuracy": float((probs.argmax(1) == inputs.labeled_labels).double().mean())}
 
     def committed(self, model: ClassificationModel) -> None:
@@ -431,7 +466,7 @@ class ClassificationTask(Task[ClassificationInputs, ClassificationModel]):
             p = model.projection
             tensors.update({keys.PROJECTION_MEAN: p.mean, keys.PROJECTION_BASIS: p.basis,
                             keys.PROJECTION_SCALE: p.scale})
-            meta[keys.PROJECTION] = {"fitted_on": p.fitted_on, "explained": p.explained}
+            meta[keys.PROJECTION] = {"fitted_on": p.fitted_on, "explained": p.explained, "key": p.key}
         if model.backbone_weights is not None:
             tensors.update({keys.BACKBONE_PREFIX + k: v for k, v in model.backbone_weights.items()})
             meta[keys.BACKBONE_VERSION] = model.backbone_version
@@ -449,7 +484,8 @@ class ClassificationTask(Task[ClassificationInputs, ClassificationModel]):
         if keys.PROJECTION_BASIS in t:
             info = meta.get(keys.PROJECTION) or {}
             projection = Projection(t[keys.PROJECTION_MEAN], t[keys.PROJECTION_BASIS], t[keys.PROJECTION_SCALE],
-                                    int(info.get("fitted_on", 0)), float(info.get("explained", 1.0)))
+                                    int(info.get("fitted_on", 0)), float(info.get("explained", 1.0)),
+                                    key=str(info.get("key") or state.round_id))
         units = []
         while keys.unit_head(len(units)) in t:
             i = len(units)
