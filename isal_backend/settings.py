@@ -360,9 +360,13 @@ def project_credentials(settings: Settings, project_id: int) -> LabelStudioCrede
 
 
 def configure_logging(settings: Settings) -> None:
-    """Root logging at LOG_LEVEL, once; leaves an already configured root alone."""
+    """Root logging at LOG_LEVEL, once (an already configured root keeps its handlers), and on every handler,
+    gunicorn's and RQ's included, the filter that redacts query values and userinfo of URLs in log lines."""
+    from isal_backend.logs import install_redaction
+
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     else:
         root.setLevel(settings.log_level)
+    install_redaction()
