@@ -84,6 +84,10 @@ class Settings:
     detection_image_size: int = 320
     detection_params: tuple[str, ...] = KNOWN_DETECTION_PARAMS
     detection_cache_mb: int = 2048
+    # Task image downloads (see isal_backend/labelstudio/fetch.py).
+    ssrf_protection: bool = True
+    image_hosts_allowed: tuple[str, ...] = ()
+    download_deadline_seconds: float = 30.0
 
     def __repr__(self) -> str:
         shown = []
@@ -155,6 +159,9 @@ class Settings:
             detection_params=r.choice_list("ISAL_DETECTION_PARAMS", KNOWN_DETECTION_PARAMS),
             detection_cache_mb=r.integer("ISAL_DETECTION_CACHE_MB", 2048, minimum=0,
                                          hint="disk budget per project for the detector's body outputs; 0 keeps none"),
+            ssrf_protection=r.choice("ISAL_SSRF_PROTECTION", "true", ("true", "false")) == "true",
+            image_hosts_allowed=r.host_list("ISAL_IMAGE_HOSTS_ALLOWED"),
+            download_deadline_seconds=r.positive_float("ISAL_DOWNLOAD_DEADLINE_SECONDS", 30.0),
         )
 
 
@@ -284,6 +291,24 @@ class _Reader:
         if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", value):
             raise self._fail(name, value, "is not a dotted path to a function", f"set it like {default}")
         return value
+
+    def host_list(self, name: str) -> tuple[str, ...]:
+        """Comma-separated host names (``*.domain`` for subdomains) and IP networks, in normal form."""
+        value = self._raw(name)
+        if value is None:
+            return ()
+        from isal_backend.labelstudio.fetch import parse_allowed_entry  # httpx only when the variable is set
+
+        entries = []
+        for item in (v.strip() for v in value.split(",")):
+            if not item:
+                continue
+            try:
+                entries.append(parse_allowed_entry(item))
+            except ValueError as exc:
+                fix = "list host names and networks, e.g. images.corp.example,*.corp.example,10.0.0.0/8"
+                raise self._fail(name, value, f"has a bad entry: {exc}", fix) from None
+        return tuple(dict.fromkeys(entries))
 
     def int_list(self, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
         value = self._raw(name)

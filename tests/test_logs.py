@@ -18,6 +18,8 @@ import httpx
 import pytest
 from loopback_http import serve
 
+from isal_backend.labelstudio.client import LabelStudioClient
+from isal_backend.labelstudio.fetch import DownloadPolicy
 from isal_backend.logs import RedactingFilter, redact_text
 from isal_backend.settings import Settings, configure_logging
 
@@ -60,6 +62,17 @@ def test_httpx_request_lines_are_redacted(root_output: io.StringIO) -> None:
     assert f'httpx: HTTP Request: GET http://127.0.0.1:{port}/a.png?X-Amz-Signature=REDACTED&X-Amz-Credential=' \
            'REDACTED "HTTP/1.0 200 OK"' in text
     assert f"GET http://127.0.0.1:{port}/x.png " in text
+    _clean(text)
+
+
+def test_image_downloads_log_no_secret(root_output: io.StringIO) -> None:
+    with serve() as server, LabelStudioClient("http://127.0.0.1:9", "k" * 40, retries=0,
+                                              download_policy=DownloadPolicy(allowed=("127.0.0.1",))) as c:
+        c.download(f"http://user:pass@127.0.0.1:{server.port}/b.png?token=SECRET")
+        with pytest.raises(Exception, match="HTTP 404"):
+            c.download(server.url("/missing.png?sig=SECRET"))
+    text = root_output.getvalue()
+    assert "/b.png?token=REDACTED" in text and "/missing.png?sig=REDACTED" in text
     _clean(text)
 
 

@@ -104,7 +104,7 @@ class Round:
         self.project_id = int(project_id)
         self.settings = settings
         credentials = project_credentials(settings, self.project_id)
-        self.client = client or LabelStudioClient(credentials.url, credentials.api_key)
+        self.client = client or LabelStudioClient.from_settings(credentials.url, credentials.api_key, settings)
         self.store = ModelStore(settings.model_dir)
         self.featurizer = self.current_featurizer()
         self.timings: dict[str, float] = {}
