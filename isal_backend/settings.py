@@ -84,10 +84,11 @@ class Settings:
     detection_image_size: int = 320
     detection_params: tuple[str, ...] = KNOWN_DETECTION_PARAMS
     detection_cache_mb: int = 2048
-    # Task image downloads (see isal_backend/labelstudio/fetch.py).
+    # Task image downloads (see isal_backend/labelstudio/fetch.py and failures.py).
     ssrf_protection: bool = True
     image_hosts_allowed: tuple[str, ...] = ()
     download_deadline_seconds: float = 30.0
+    failed_image_retry_seconds: int = 3600
 
     def __repr__(self) -> str:
         shown = []
@@ -162,6 +163,8 @@ class Settings:
             ssrf_protection=r.choice("ISAL_SSRF_PROTECTION", "true", ("true", "false")) == "true",
             image_hosts_allowed=r.host_list("ISAL_IMAGE_HOSTS_ALLOWED"),
             download_deadline_seconds=r.positive_float("ISAL_DOWNLOAD_DEADLINE_SECONDS", 30.0),
+            failed_image_retry_seconds=r.integer("ISAL_FAILED_IMAGE_RETRY_SECONDS", 3600, minimum=0,
+                                                 hint="0 tries every failed image again every round"),
         )
 
 

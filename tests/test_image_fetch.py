@@ -245,16 +245,18 @@ def test_the_size_cap_still_holds(canary: LoopbackServer) -> None:
 def test_settings_of_the_download_policy() -> None:
     settings = Settings.from_env({"ISAL_IMAGE_HOSTS_ALLOWED": " Images.Corp.Example. , *.cdn.example,10.0.0.0/8,"
                                                               "127.0.0.1,[::1],10.0.0.0/8",
-                                  "ISAL_DOWNLOAD_DEADLINE_SECONDS": "12.5", "ISAL_SSRF_PROTECTION": "FALSE"})
+                                  "ISAL_DOWNLOAD_DEADLINE_SECONDS": "12.5", "ISAL_SSRF_PROTECTION": "FALSE",
+                                  "ISAL_FAILED_IMAGE_RETRY_SECONDS": "0"})
     assert settings.image_hosts_allowed == ("images.corp.example", "*.cdn.example", "10.0.0.0/8", "127.0.0.1/32",
                                             "::1/128")
     assert settings.download_deadline_seconds == 12.5 and settings.ssrf_protection is False
+    assert settings.failed_image_retry_seconds == 0
     policy = DownloadPolicy.from_settings(settings)
     assert policy == DownloadPolicy(False, settings.image_hosts_allowed, 12.5)
     assert policy.host_allowed("a.cdn.example") and not policy.host_allowed("cdn.example.evil")
     defaults = Settings.from_env({})
-    assert (defaults.ssrf_protection, defaults.image_hosts_allowed, defaults.download_deadline_seconds) == \
-        (True, (), 30.0)
+    assert (defaults.ssrf_protection, defaults.image_hosts_allowed, defaults.download_deadline_seconds,
+            defaults.failed_image_retry_seconds) == (True, (), 30.0, 3600)
     assert DownloadPolicy.from_settings(defaults) == DownloadPolicy()
     c = LabelStudioClient.from_settings(LS_URL, LEGACY_KEY, settings, retries=0)
     assert c.download_policy == policy
@@ -266,6 +268,7 @@ def test_settings_of_the_download_policy() -> None:
     ({"ISAL_IMAGE_HOSTS_ALLOWED": "10.0.0.0/33"}, "bad entry"),
     ({"ISAL_SSRF_PROTECTION": "no"}, "ISAL_SSRF_PROTECTION"),
     ({"ISAL_DOWNLOAD_DEADLINE_SECONDS": "0"}, "ISAL_DOWNLOAD_DEADLINE_SECONDS"),
+    ({"ISAL_FAILED_IMAGE_RETRY_SECONDS": "-1"}, "ISAL_FAILED_IMAGE_RETRY_SECONDS"),
 ])
 def test_bad_download_settings_are_named(env: dict[str, str], words: str) -> None:
     with pytest.raises(SettingsError, match=words):

@@ -4,7 +4,7 @@ The sdk handles both kinds of API key (a legacy token sent as ``Token <key>``, a
 a refresh JWT exchanged for short-lived access tokens).  This module adds what the backend needs on top:
 retries with exponential backoff that end in one clear LabelStudioUnavailable, checks that bulk writes were
 not silently truncated, image downloads that send credentials to the LS host only (SSRF-safe and bounded by a
-total deadline, see fetch.py), and errors that never
+total deadline, see fetch.py; optionally remembering failures, see failures.py), and errors that never
 contain the key.
 """
 
@@ -25,6 +25,7 @@ import httpx
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
+from isal_backend.labelstudio.failures import FailedDownloads
 from isal_backend.labelstudio.fetch import DownloadPolicy, FetchRefused, Resolver, deadline, deadline_left, image_client
 from isal_backend.labelstudio.images import safe_source
 from isal_backend.logs import redact_text
@@ -248,13 +249,14 @@ class LabelStudioClient:
 
     # ---------------------------------------------------------------- images
 
-    def download(self, url_or_path: str) -> bytes:
+    def download(self, url_or_path: str, failures: FailedDownloads | None = None) -> bytes:
         """Bytes of a task's image reference.
 
         Supported: LS uploads (/data/upload/...), local-files storage (/data/local-files/?d=...), absolute
         http(s) URLs and data: URLs.  LS credentials go to this LS (its url and trusted_origins) only; any other
         host must resolve to public addresses only (see fetch.py), and the whole download, retries included,
-        ends within the policy's deadline.
+        ends within the policy's deadline.  With `failures`, a URL whose download failed (DownloadError) within
+        its TTL is not fetched again: the remembered error is raised at once; a new failure is remembered.
         """
         ref = (url_or_path or "").strip()
         where = safe_source(ref)
@@ -269,7 +271,18 @@ class LabelStudioClient:
                 raise DownloadError(f"unsupported image reference {where}: expected /data/upload/..., "
                                     "/data/local-files/?d=..., http(s):// or data: (cloud storage URIs such as "
                                     "s3:// must be resolved by Label Studio)")
-        return self._fetch(url, where)
+        if failures is not None:
+            failure = failures.get(url)
+            if failure is not None:
+                age = failure.age(failures.now())
+                raise DownloadError(f"{failure.reason} (remembered from {age:.0f} s ago: not fetched again until "
+                                    f"{failures.retry_seconds:g} s have passed, ISAL_FAILED_IMAGE_RETRY_SECONDS)")
+        try:
+            return self._fetch(url, where)
+        except DownloadError as exc:
+            if failures is not None:
+                failures.record(url, str(exc))
+            raise
 
     def _fetch(self, url: str, where: str) -> bytes:
         ours = _origin(url) in self._origins
