@@ -286,3 +286,43 @@ def test_rounds_build_their_client_from_the_settings(canary: LoopbackServer, tmp
     with pytest.raises(DownloadError, match="refused"):
         round_.client.download(canary.url(host="localhost"))
     assert canary.requests == []
+
+
+def test_https_connects_to_the_vetted_address_with_the_name_for_sni_and_host(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The socket goes to the vetted IP, but TLS (SNI, certificate check) and the Host header keep the name:
+    a certificate for `localhost` validates although the connection is made to 127.0.0.1."""
+    import ssl
+    import subprocess
+    import threading
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust the test certificate (and only it)
+    server = LoopbackServer("127.0.0.1")
+    names: list[str | None] = []
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    context.sni_callback = lambda sock, name, ctx: names.append(name)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    resolved: list[str] = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        resolved.append(host)
+        return ["127.0.0.1"]
+
+    try:
+        with client(DownloadPolicy(allowed=("127.0.0.0/8",)), resolver=resolver) as c:  # a network, not the name
+            assert c.download(f"https://localhost:{server.port}/img.png") == png()
+        with client(resolver=resolver) as guarded, \
+                pytest.raises(DownloadError, match="refused: host localhost resolves to 127.0.0.1"):
+            guarded.download(f"https://localhost:{server.port}/img.png")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert resolved == ["localhost", "localhost"] and names == ["localhost"]
+    assert len(server.requests) == 1 and server.requests[0]["headers"]["Host"] == f"localhost:{server.port}"
