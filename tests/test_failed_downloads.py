@@ -131,3 +131,19 @@ def test_the_project_path_convention(tmp_path: Path) -> None:
     assert failures is not None and failures.retry_seconds == 120
     assert failures.path == tmp_path / "projects" / "7" / "failed-images.json"
     assert FailedDownloads.for_project(Settings(model_dir=tmp_path, failed_image_retry_seconds=0), 7) is None
+
+
+def test_label_studio_references_are_remembered_by_the_reference(server: LoopbackServer, tmp_path: Path) -> None:
+    """An oversized image in Label Studio itself: remembered under the task's reference as given (the key the
+    round code uses to record an image that downloaded but did not decode)."""
+    failures = FailedDownloads(tmp_path / "failed-images.json", retry_seconds=600)
+    with LabelStudioClient(server.url(""), KEY, retries=0) as ls:
+        for _ in range(2):
+            with pytest.raises(DownloadError, match="over the 67108864 limit"):
+                ls.download("/huge/upload.png", failures=failures)
+    assert len(server.requests) == 1
+    assert failures.get("/huge/upload.png") is not None
+    failures.record("/data/upload/1/bad.png", "image /data/upload/1/bad.png is corrupt or truncated")
+    with LabelStudioClient(server.url(""), KEY, retries=0) as ls, pytest.raises(DownloadError, match="truncated"):
+        ls.download("/data/upload/1/bad.png", failures=failures)
+    assert len(server.requests) == 1

@@ -256,7 +256,9 @@ class LabelStudioClient:
         http(s) URLs and data: URLs.  LS credentials go to this LS (its url and trusted_origins) only; any other
         host must resolve to public addresses only (see fetch.py), and the whole download, retries included,
         ends within the policy's deadline.  With `failures`, a URL whose download failed (DownloadError) within
-        its TTL is not fetched again: the remembered error is raised at once; a new failure is remembered.
+        its TTL is not fetched again: the remembered error is raised at once; a new failure is remembered.  The
+        memory is keyed by the reference as given (one memory per project, so per Label Studio), which lets the
+        round code also ``failures.record(reference, reason)`` an image that downloaded but did not decode.
         """
         ref = (url_or_path or "").strip()
         where = safe_source(ref)
@@ -272,7 +274,7 @@ class LabelStudioClient:
                                     "/data/local-files/?d=..., http(s):// or data: (cloud storage URIs such as "
                                     "s3:// must be resolved by Label Studio)")
         if failures is not None:
-            failure = failures.get(url)
+            failure = failures.get(ref)
             if failure is not None:
                 age = failure.age(failures.now())
                 raise DownloadError(f"{failure.reason} (remembered from {age:.0f} s ago: not fetched again until "
@@ -281,7 +283,7 @@ class LabelStudioClient:
             return self._fetch(url, where)
         except DownloadError as exc:
             if failures is not None:
-                failures.record(url, str(exc))
+                failures.record(ref, str(exc))
             raise
 
     def _fetch(self, url: str, where: str) -> bytes:

@@ -4,10 +4,11 @@ An oversized third-party image costs 64 MiB per attempt and a dead host a whole 
 a memory every round pays that again for every such task.  :class:`FailedDownloads` keeps, per URL, why and
 when its download failed, in one small JSON file per project (the round code keeps it at
 ``MODEL_DIR/projects/<id>/failed-images.json``, see :meth:`FailedDownloads.for_project`).  Keys are SHA-256
-hashes of the URL, so no presigned token or password in a URL lands on disk; the stored reasons are the
-download errors' own messages, which already name the image with its query values redacted (and are redacted
-once more here).  Writers in several processes (RQ workers) are safe: every change is a read-modify-write
-under an exclusive ``flock`` on a lock file beside it, and the file is replaced atomically.
+hashes of the task's image reference (a URL or a Label Studio path), so no presigned token or password in a
+URL lands on disk; the stored reasons are the download errors' own messages, which already name the image
+with its query values redacted (and are redacted once more here).  Writers in several processes (RQ workers)
+are safe: every change is a read-modify-write under an exclusive ``flock`` on a lock file beside it, and the
+file is replaced atomically.
 """
 
 from __future__ import annotations
