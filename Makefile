@@ -8,10 +8,11 @@ PORT ?= 9090
 
 .PHONY: run worker test lint bench-speed bench-al-quick clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r requirements-dev.txt
+	$(VENV)/bin/pip install -q --no-deps -r requirements-nodeps.txt
 	touch $@
 
 # Label Studio lives in its own virtualenv: its pins clash with torch's and label-studio-ml's.

@@ -112,6 +112,11 @@ class Settings:
                 "is then only ever sent to that URL), or neither (each project then uses the host and token that "
                 "Label Studio's /setup call sends, stored once Label Studio accepts them)"
             )
+    # Task image downloads (see isal_backend/labelstudio/fetch.py and failures.py).
+    ssrf_protection: bool = True
+    image_hosts_allowed: tuple[str, ...] = ()
+    download_deadline_seconds: float = 30.0
+    failed_image_retry_seconds: int = 3600
 
     def __repr__(self) -> str:
         shown = []
@@ -178,7 +183,7 @@ class Settings:
             lease_seconds=r.positive_float("ISAL_LEASE_SECONDS", 30.0),
             job_retries=r.integer("ISAL_JOB_RETRIES", 3, minimum=0),
             retry_backoff=r.int_list("ISAL_RETRY_BACKOFF", (10, 60, 300)),
-            full_resync_seconds=r.non_negative_float("ISAL_FULL_RESYNC_SECONDS", 3600.0),
+            full_resync_seconds=r.seconds("ISAL_FULL_RESYNC_SECONDS", 3600.0),
             delete_old_predictions=r.choice("ISAL_DELETE_OLD_PREDICTIONS", "true", ("true", "false")) == "true",
             shard_size=r.integer("ISAL_SHARD_SIZE", 2000, minimum=1, hint="images per feature shard job"),
             round_new_images=r.integer("ISAL_ROUND_NEW_IMAGES", 4000, minimum=0,
@@ -196,6 +201,11 @@ class Settings:
                                          hint="disk budget per project for the detector's body outputs; 0 keeps none"),
             max_body_mb=r.integer("ISAL_MAX_BODY_MB", 100, minimum=1, hint="megabytes per request body"),
             reconcile_seconds=r.seconds("ISAL_RECONCILE_SECONDS", 60.0),
+            ssrf_protection=r.choice("ISAL_SSRF_PROTECTION", "true", ("true", "false")) == "true",
+            image_hosts_allowed=r.host_list("ISAL_IMAGE_HOSTS_ALLOWED"),
+            download_deadline_seconds=r.positive_float("ISAL_DOWNLOAD_DEADLINE_SECONDS", 30.0),
+            failed_image_retry_seconds=r.integer("ISAL_FAILED_IMAGE_RETRY_SECONDS", 3600, minimum=0,
+                                                 hint="0 tries every failed image again every round"),
         )
 
 
@@ -286,15 +296,6 @@ class _Reader:
             raise self._fail(name, value, "is not a number of seconds >= 0", f"set it to e.g. {default:g} (0: off)")
         return number
 
-    def non_negative_float(self, name: str, default: float) -> float:
-        value = self._raw(name)
-        if value is None:
-            return default
-        number = _as_float(value)
-        if not number >= 0 or number == float("inf"):
-            raise self._fail(name, value, "is not a number of seconds >= 0", f"set it to e.g. {default:g}")
-        return number
-
     def fraction(self, name: str, default: float) -> float:
         value = self._raw(name)
         if value is None:
@@ -347,6 +348,24 @@ class _Reader:
         if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", value):
             raise self._fail(name, value, "is not a dotted path to a function", f"set it like {default}")
         return value
+
+    def host_list(self, name: str) -> tuple[str, ...]:
+        """Comma-separated host names (``*.domain`` for subdomains) and IP networks, in normal form."""
+        value = self._raw(name)
+        if value is None:
+            return ()
+        from isal_backend.labelstudio.fetch import parse_allowed_entry  # httpx only when the variable is set
+
+        entries = []
+        for item in (v.strip() for v in value.split(",")):
+            if not item:
+                continue
+            try:
+                entries.append(parse_allowed_entry(item))
+            except ValueError as exc:
+                fix = "list host names and networks, e.g. images.corp.example,*.corp.example,10.0.0.0/8"
+                raise self._fail(name, value, f"has a bad entry: {exc}", fix) from None
+        return tuple(dict.fromkeys(entries))
 
     def int_list(self, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
         value = self._raw(name)
@@ -428,9 +447,13 @@ def project_credentials(settings: Settings, project_id: int) -> LabelStudioCrede
 
 
 def configure_logging(settings: Settings) -> None:
-    """Root logging at LOG_LEVEL, once; leaves an already configured root alone."""
+    """Root logging at LOG_LEVEL, once (an already configured root keeps its handlers), and on every handler,
+    gunicorn's and RQ's included, the filter that redacts query values and userinfo of URLs in log lines."""
+    from isal_backend.logs import install_redaction
+
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     else:
         root.setLevel(settings.log_level)
+    install_redaction()

@@ -23,6 +23,7 @@ from isal_backend.labelstudio.client import (
     PredictionsDropped,
 )
 from isal_backend.labelstudio.convert import AnnotationSkipped
+from isal_backend.labelstudio.fetch import DownloadPolicy
 
 pytestmark = pytest.mark.e2e
 
@@ -162,17 +163,28 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_third_party_urls_never_get_the_key(client: LabelStudioClient) -> None:
-    """A third-party image host (a different origin: localhost, not 127.0.0.1) must not see LS credentials."""
+@pytest.mark.parametrize("kind", ["legacy", "pat"])
+def test_third_party_urls_never_get_the_key(label_studio: Any, kind: str) -> None:
+    """A third-party image host (a different origin: localhost, not 127.0.0.1) must not see LS credentials.
+
+    It is on loopback, so SSRF protection refuses it until the user allowlists it (ISAL_IMAGE_HOSTS_ALLOWED)."""
+    key = label_studio.token if kind == "legacy" else label_studio.personal_access_token()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         _Recorder.seen.clear()
         url = f"http://localhost:{server.server_address[1]}/img.png?sig=abc"
+        with LabelStudioClient(label_studio.url, key, retries=0) as guarded, \
+                pytest.raises(DownloadError, match="refused: host localhost resolves to 127.0.0.1, a loopback"):
+            guarded.download(url)
+        assert _Recorder.seen == []
+        client = LabelStudioClient(label_studio.url, key, retries=0,
+                                   download_policy=DownloadPolicy(allowed=("localhost",)))
         assert decode_image(client.download(url), url).getpixel((0, 0)) == COLORS[4]
         with pytest.raises(DownloadError, match="HTTP 404"):
             client.download(f"http://localhost:{server.server_address[1]}/missing.png")
+        client.close()
         assert len(_Recorder.seen) == 2
         for headers in _Recorder.seen:
             assert not {k.lower() for k in headers} & {"authorization", "cookie", "x-api-key"}

@@ -74,6 +74,8 @@ def test_errors_name_the_source_without_secrets() -> None:
 def test_safe_source() -> None:
     assert safe_source("/data/local-files/?d=imgs/a.png") == "/data/local-files/?d=imgs/a.png"
     assert safe_source("http://h/x.png?token=abc&d=p/q") == "http://h/x.png?token=REDACTED&d=p/q"
+    assert safe_source("http://h/x.png?SECRETTOKEN&a=") == "http://h/x.png?REDACTED&a=REDACTED"  # bare item: a value
+    assert safe_source("http://u:pw@[::1]:8080/x.png#access_token=T") == "http://[::1]:8080/x.png"
     data_url = "data:image/png;base64," + "A" * 5000
     assert safe_source(data_url).startswith("data:image/png;base64,...")
     assert len(safe_source(data_url)) < 80

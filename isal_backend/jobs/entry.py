@@ -22,6 +22,7 @@ import torch
 from isal_backend.labelstudio.client import LabelStudioClient
 from isal_backend.labelstudio.config import LabelConfig, parse_project_config
 from isal_backend.labelstudio.datastore import LabelStudioDatastore
+from isal_backend.labelstudio.failures import FailedDownloads
 from isal_backend.labelstudio.images import decode_image
 from isal_backend.labelstudio.mirror import TaskMirror
 from isal_backend.queue.context import current_job
@@ -48,8 +49,9 @@ def live_datastore(settings: Settings, project_id: int) -> LabelStudioDatastore:
     project's task mirror in the model store, so a round fetches only what changed."""
     credentials = project_credentials(settings, project_id)
     mirror = TaskMirror.shared(ModelStore(settings.model_dir).project_dir(project_id) / MIRROR_FILE)
-    return LabelStudioDatastore(LabelStudioClient(credentials.url, credentials.api_key), project_id, mirror,
-                                settings.full_resync_seconds)
+    client = LabelStudioClient.from_settings(credentials.url, credentials.api_key, settings)
+    return LabelStudioDatastore(client, project_id, mirror, settings.full_resync_seconds,
+                                FailedDownloads.for_project(settings, project_id))
 
 
 def task_parts(settings: Settings, store: ModelStore, project_id: int) -> TaskParts:

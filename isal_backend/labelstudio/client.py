@@ -3,7 +3,8 @@
 The sdk handles both kinds of API key (a legacy token sent as ``Token <key>``, and a personal access token,
 a refresh JWT exchanged for short-lived access tokens).  This module adds what the backend needs on top:
 retries with exponential backoff that end in one clear LabelStudioUnavailable, checks that bulk writes were
-not silently truncated, image downloads that send credentials to the LS host only, and errors that never
+not silently truncated, image downloads that send credentials to the LS host only (SSRF-safe and bounded by a
+total deadline, see fetch.py; optionally remembering failures, see failures.py), and errors that never
 contain the key.
 """
 
@@ -17,14 +18,20 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote_to_bytes, urlsplit
 
 import httpx
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
+from isal_backend.labelstudio.failures import FailedDownloads
+from isal_backend.labelstudio.fetch import DownloadPolicy, FetchRefused, Resolver, deadline, deadline_left, image_client
 from isal_backend.labelstudio.images import safe_source
+from isal_backend.logs import redact_text
+
+if TYPE_CHECKING:
+    from isal_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,9 +92,14 @@ class LabelStudioClient:
     """The backend's view of one Label Studio server.  Thread-safe for concurrent calls (httpx client)."""
 
     def __init__(self, url: str, api_key: str, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5,
-                 trusted_origins: Iterable[str] = (), max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES) -> None:
+                 trusted_origins: Iterable[str] = (), max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES, *,
+                 download_policy: DownloadPolicy | None = None, resolver: Resolver | None = None) -> None:
         """`trusted_origins`: other origins that ARE this LS (e.g. the `hostname` LS sends to /setup when it
-        differs from `url`); LS credentials are sent to those and to `url` only, never to third parties."""
+        differs from `url`); LS credentials are sent to those and to `url` only, never to third parties.
+
+        `download_policy`: SSRF protection, allowlist and total deadline of image downloads; the default is
+        protection on, nothing allowlisted, 30 s (:meth:`from_settings` reads them from the environment).
+        `resolver`: host name -> addresses for the SSRF check (tests inject one; default getaddrinfo)."""
         if not url or not urlsplit(url).scheme.startswith("http"):
             raise ValueError(f"Label Studio url must be http(s)://host[:port], got {safe_source(url or '')!r}")
         if not api_key or not api_key.strip():
@@ -104,13 +116,28 @@ class LabelStudioClient:
         except ApiError as exc:  # the sdk checks a JWT key's expiry up front
             raise LabelStudioAuthError(f"Label Studio API key refused: {_body_text(exc.body)}. {AUTH_FIX}",
                                        exc.status_code) from None
-        self._public_http = httpx.Client(timeout=timeout, follow_redirects=True)
+        self._policy = download_policy or DownloadPolicy()
+        # One client for every image: LS's own origins connect unvetted (like LS's trusted origins), every other
+        # host and every redirect hop is vetted at connect time; httpx drops Authorization on cross-origin hops.
+        exempt = [(host, port) for _, host, port in self._origins]
+        self._images_http = image_client(self._policy, exempt, timeout=timeout,
+                                         **({"resolver": resolver} if resolver else {}))
+
+    @classmethod
+    def from_settings(cls, url: str, api_key: str, settings: Settings, **kwargs: Any) -> LabelStudioClient:
+        """A client whose image downloads follow ISAL_SSRF_PROTECTION, ISAL_IMAGE_HOSTS_ALLOWED and
+        ISAL_DOWNLOAD_DEADLINE_SECONDS; `kwargs` go to the constructor (timeout, retries, trusted_origins...)."""
+        return cls(url, api_key, download_policy=DownloadPolicy.from_settings(settings), **kwargs)
 
     def __repr__(self) -> str:
         return f"LabelStudioClient(url={self.url!r})"
 
+    @property
+    def download_policy(self) -> DownloadPolicy:
+        return self._policy
+
     def close(self) -> None:
-        self._public_http.close()
+        self._images_http.close()
         self._raw_http().close()
 
     def __enter__(self) -> LabelStudioClient:
@@ -338,11 +365,16 @@ class LabelStudioClient:
 
     # ---------------------------------------------------------------- images
 
-    def download(self, url_or_path: str) -> bytes:
+    def download(self, url_or_path: str, failures: FailedDownloads | None = None) -> bytes:
         """Bytes of a task's image reference.
 
         Supported: LS uploads (/data/upload/...), local-files storage (/data/local-files/?d=...), absolute
-        http(s) URLs and data: URLs.  LS credentials go to this LS (its url and trusted_origins) only.
+        http(s) URLs and data: URLs.  LS credentials go to this LS (its url and trusted_origins) only; any other
+        host must resolve to public addresses only (see fetch.py), and the whole download, retries included,
+        ends within the policy's deadline.  With `failures`, a URL whose download failed (DownloadError) within
+        its TTL is not fetched again: the remembered error is raised at once; a new failure is remembered.  The
+        memory is keyed by the reference as given (one memory per project, so per Label Studio), which lets the
+        round code also ``failures.record(reference, reason)`` an image that downloaded but did not decode.
         """
         ref = (url_or_path or "").strip()
         where = safe_source(ref)
@@ -350,28 +382,47 @@ class LabelStudioClient:
             raise DownloadError("empty image reference")
         if ref.startswith("data:"):
             return _decode_data_url(ref, where)
-        if ref.startswith("/"):
-            return self._download_ls(self.url + ref, where)
-        parts = urlsplit(ref)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise DownloadError(f"unsupported image reference {where}: expected /data/upload/..., "
-                                "/data/local-files/?d=..., http(s):// or data: (cloud storage URIs such as s3:// "
-                                "must be resolved by Label Studio)")
-        if _origin(ref) in self._origins:
-            return self._download_ls(ref, where)
-        return self._call(f"download {where}", lambda: self._stream(self._public_http, ref, {}, where),
-                          third_party=True)
+        url = self.url + ref if ref.startswith("/") else ref
+        if not ref.startswith("/"):
+            parts = urlsplit(ref)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise DownloadError(f"unsupported image reference {where}: expected /data/upload/..., "
+                                    "/data/local-files/?d=..., http(s):// or data: (cloud storage URIs such as "
+                                    "s3:// must be resolved by Label Studio)")
+        if failures is not None:
+            failure = failures.get(ref)
+            if failure is not None:
+                age = failure.age(failures.now())
+                raise DownloadError(f"{failure.reason} (remembered from {age:.0f} s ago: not fetched again until "
+                                    f"{failures.retry_seconds:g} s have passed, ISAL_FAILED_IMAGE_RETRY_SECONDS)")
+        try:
+            return self._fetch(url, where)
+        except DownloadError as exc:
+            if failures is not None:
+                failures.record(ref, str(exc))
+            raise
 
-    def _download_ls(self, url: str, where: str) -> bytes:
-        return self._call(f"download {where}",
-                          lambda: self._stream(self._raw_http(), url, self._auth_headers(), where))
+    def _fetch(self, url: str, where: str) -> bytes:
+        ours = _origin(url) in self._origins
+        seconds = self._policy.deadline_seconds
+        with deadline(seconds):
+            try:
+                return self._call(f"download {where}", lambda: self._stream(url, ours, where), third_party=not ours,
+                                  deadline_seconds=seconds)
+            except FetchRefused as exc:
+                raise DownloadError(f"image {where} refused: {exc}") from None
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:  # not a transport error: too many redirects, bad URL
+                raise DownloadError(self._scrub(f"image {where} could not be downloaded: {type(exc).__name__}: "
+                                                f"{redact_text(str(exc))[:300]}")) from None
 
-    def _stream(self, http: httpx.Client, url: str, headers: dict[str, str], where: str) -> bytes:
-        with http.stream("GET", url, headers=headers) as response:
+    def _stream(self, url: str, ours: bool, where: str) -> bytes:
+        headers = self._auth_headers() if ours else {}
+        with self._images_http.stream("GET", url, headers=headers) as response:
             if response.status_code >= 400:
-                response.read()
-                if headers or response.status_code >= 500:  # LS itself, or a transient third-party failure
-                    _raise_for_status(response.status_code, response.text, f"download {where}")
+                body = _head(response, 4096)
+                # LS itself (after any redirects), or a transient third-party failure
+                if _origin(str(response.url)) in self._origins or response.status_code >= 500:
+                    _raise_for_status(response.status_code, body, f"download {where}")
                 raise DownloadError(f"image {where} could not be downloaded: HTTP {response.status_code}")
             declared = response.headers.get("content-length")
             if declared and declared.isdigit() and int(declared) > self._max_download_bytes:
@@ -404,13 +455,23 @@ class LabelStudioClient:
 
         return self._call(what, send, idempotent=method in ("GET", "DELETE", "PATCH", "PUT"))
 
-    def _call(self, what: str, fn: Callable[[], T], idempotent: bool = True, third_party: bool = False) -> T:
+    def _call(self, what: str, fn: Callable[[], T], idempotent: bool = True, third_party: bool = False,
+              deadline_seconds: float | None = None) -> T:
         """Run `fn`, retrying transient failures with exponential backoff; translate every failure into a
         LabelStudioError whose message is scrubbed of the key (and raised `from None`, so no sdk error with
-        headers or bodies hangs off it)."""
-        attempts = self._retry.retries + 1
+        headers or bodies hangs off it).
+
+        `third_party` (an image from another host): at most ONE retry, and only when no response arrived
+        (connection refused, 5xx): a timed-out or cut-off body is not fetched again, since each try may cost the
+        whole deadline and 64 MiB and the failure memory retries it in a later round.  Inside a
+        :func:`fetch.deadline`, no retry starts once the deadline has passed or its backoff would pass it."""
+        attempts = (min(self._retry.retries, 1) if third_party else self._retry.retries) + 1
         last = ""
+        retry = False
+        timed_out = False
+        made = 0
         for attempt in range(attempts):
+            made = attempt + 1
             try:
                 return fn()
             except ApiError as exc:
@@ -425,17 +486,32 @@ class LabelStudioClient:
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 last, retry = f"{type(exc).__name__}: {exc}", True  # the request never reached LS
             except httpx.TransportError as exc:
-                last, retry = f"{type(exc).__name__}: {exc}", idempotent
+                last, retry = f"{type(exc).__name__}: {exc}", idempotent and not third_party
+            left = deadline_left()
+            if left is not None and left <= 0:
+                timed_out = True
+                break
             if not retry or attempt == attempts - 1:
                 break
             delay = self._retry.delay(attempt)
-            log.warning("Label Studio %s: %s failed (%s); retry %d/%d in %.1f s", self.url, what,
+            if left is not None and delay >= left:
+                break
+            log.warning("%s: %s failed (%s); retry %d/%d in %.1f s",
+                        "third-party image" if third_party else f"Label Studio {self.url}", what,
                         self._scrub(last)[:200], attempt + 1, attempts - 1, delay)
             time.sleep(delay)
-        tried = f"after {attempts} attempts" if retry else "(not retried: repeating it is not safe)"
+        if timed_out:
+            tried = (f"did not finish within the {deadline_seconds or 0:g} s download deadline "
+                     f"(ISAL_DOWNLOAD_DEADLINE_SECONDS; {made} attempt{'s' if made > 1 else ''})")
+        elif retry:
+            tried = f"failed after {made} attempt{'s' if made > 1 else ''}"
+        elif third_party:
+            tried = "failed (not retried: of a third-party image only a failed connection or a 5xx is retried)"
+        else:
+            tried = "failed (not retried: repeating it is not safe)"
         if third_party:
-            raise DownloadError(self._scrub(f"{what} failed {tried}; last error: {last[:300]}")) from None
-        raise LabelStudioUnavailable(self._scrub(f"Label Studio at {self.url} is unavailable: {what} failed {tried};"
+            raise DownloadError(self._scrub(f"{what} {tried}; last error: {last[:300]}")) from None
+        raise LabelStudioUnavailable(self._scrub(f"Label Studio at {self.url} is unavailable: {what} {tried};"
                                                  f" last error: {last[:300]}")) from None
 
     def _scrub(self, text: str) -> str:
@@ -469,6 +545,16 @@ def _status_message(status: int, body: str, what: str) -> str:
             403: " (the key's user lacks permission for this)", 404: " (not found)"}.get(status, "")
     fix = f". {AUTH_FIX}" if status in (401, 403) else ""
     return f"Label Studio refused to {what}: HTTP {status}{hint}: {body[:300]}{fix}"
+
+
+def _head(response: httpx.Response, limit: int) -> str:
+    """The first `limit` bytes of an error body as text: enough for the message, never a huge body in memory."""
+    buf = bytearray()
+    for chunk in response.iter_bytes():
+        buf.extend(chunk)
+        if len(buf) >= limit:
+            break
+    return bytes(buf[:limit]).decode(response.encoding or "utf-8", "replace")
 
 
 def _body_text(body: Any) -> str:

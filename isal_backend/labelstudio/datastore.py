@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from isal_backend.labelstudio.client import LabelStudioClient
+from isal_backend.labelstudio.failures import FailedDownloads
 from isal_backend.labelstudio.mirror import TaskMirror, normalize, sync
 
 
@@ -17,10 +18,12 @@ class LabelStudioDatastore:
     """One project of one Label Studio, through :class:`LabelStudioClient` (no torch here)."""
 
     def __init__(self, client: LabelStudioClient, project_id: int, mirror: TaskMirror | None = None,
-                 resync_seconds: float = 3600.0) -> None:
+                 resync_seconds: float = 3600.0, failures: FailedDownloads | None = None) -> None:
+        """``failures``: images that failed lately are not downloaded again (see FailedDownloads)."""
         self.client = client
         self.project_id = int(project_id)
         self.mirror = mirror
+        self.failures = failures
         self.resync_seconds = resync_seconds
         self._project: dict[str, Any] | None = None
         self._fetch_report: dict[str, Any] = {}
@@ -54,7 +57,7 @@ class LabelStudioDatastore:
         return [normalize(t) for t in self.client.tasks_with_annotations(self.project_id, ids)]
 
     def image(self, reference: str) -> bytes:
-        return self.client.download(reference)
+        return self.client.download(reference, failures=self.failures)
 
     def write(self, model_version: str, predictions: Sequence[Mapping[str, Any]]) -> int:
         if not predictions:

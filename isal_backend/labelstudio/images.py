@@ -21,21 +21,35 @@ class ImageLoadError(ValueError):
 
 
 def safe_source(source: str, limit: int = 200) -> str:
-    """`source` fit for logs and errors: no userinfo, no query values (presigned URLs carry tokens there)."""
+    """`source` fit for logs and errors: no userinfo, no fragment, no query values (presigned URLs carry tokens
+    there; a query item without ``=`` is all value), except local-files storage's ``d`` path."""
     if source.startswith("data:"):
         header = source[5:].split(",", 1)[0]
         return f"data:{header[:60]},... ({len(source)} chars)"
     try:
         parts = urlsplit(source)
         netloc = parts.hostname or ""
+        if ":" in netloc:  # an IPv6 literal keeps its brackets
+            netloc = f"[{netloc}]"
         if parts.port:
             netloc = f"{netloc}:{parts.port}"
-        query = urlencode([(k, v if k in _PUBLIC_QUERY_KEYS else "REDACTED")
-                           for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="/")
-        cleaned = urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+        cleaned = urlunsplit((parts.scheme, netloc, parts.path, _redacted_query(parts.query), ""))
     except ValueError:
         cleaned = "<unparseable reference>"
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
+
+
+def _redacted_query(query: str) -> str:
+    items = []
+    for item in query.split("&"):
+        if not item:
+            continue
+        if "=" not in item:  # a bare item is all value
+            items.append("REDACTED")
+            continue
+        key, value = (parse_qsl(item, keep_blank_values=True) or [("", "")])[0]
+        items.append(urlencode([(key, value if key in _PUBLIC_QUERY_KEYS else "REDACTED")], safe="/"))
+    return "&".join(items)
 
 
 def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -431,7 +431,7 @@ def create_app(settings: Settings | None = None, coalescer: Coalescer | None = N
     state.registry, state.webhook_metrics = build_registry(state)
     state.submitter.ensure_started()  # the journal replayer and reconciliation run without waiting for a request
     app.config["ISAL_STATE"] = state
-    app.config["JSON_SORT_KEYS"] = False
+    app.json.sort_keys = False  # answers keep the order they were built in
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_mb * 1024 * 1024
     logger.info("isal-backend app configured: %r", settings)
     return app
