@@ -75,11 +75,16 @@ def test_predict_validates_and_reports_a_missing_backend(app_settings):
     assert r.status_code == 400 and "'tasks'" in r.get_json()["error"]
     r = c.post("/predict", json={"tasks": [], "project": "1.2"})
     assert r.status_code == 400 and "label_config" in r.get_json()["error"]
-    # No round yet: one neutral result per task, in order (no Label Studio call is needed for that).
-    r = c.post("/predict", json=body("ml_predict"))
+
+
+
+def test_predict_before_any_round_answers_one_neutral_result_per_task(tmp_path):
+    app, _ = make(tmp_path, label_studio_url="http://127.0.0.1:9", label_studio_api_key="k")
+    r = app.test_client().post("/predict", json=body("ml_predict"))  # no Label Studio call is needed for that
     sent = body("ml_predict")["tasks"]
     assert r.status_code == 200 and r.get_json()["results"] == [
         {"result": [], "score": 0.5, "model_version": "none"} for _ in sent]
+    app.config["ISAL_STATE"].close()
 
 
 def test_versions_get_and_post_and_metrics_show_the_last_round(tmp_path):

@@ -18,9 +18,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from flask import Flask, Response, current_app, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from isal_backend.labelstudio.client import LabelStudioAPIError, LabelStudioUnavailable
 from isal_backend.labelstudio.config import LabelConfigError, parse_project_config
@@ -96,9 +97,14 @@ def _raw_body() -> bytes:
     limit = _body_limit()
     if request.content_length is not None and request.content_length > limit:
         raise _too_large()
-    data = request.stream.read(limit + 1)
-    if len(data) > limit:
-        raise _too_large()
+    try:
+        data = request.stream.read(limit + 1)
+        # Werkzeug 3 caps a chunked stream at MAX_CONTENT_LENGTH itself: one more byte tells a body that ends
+        # at the limit from one cut there (the cap raises RequestEntityTooLarge).
+        if len(data) > limit or (len(data) == limit and request.stream.read(1)):
+            raise _too_large()
+    except RequestEntityTooLarge:
+        raise _too_large() from None
     g.isal_body = data
     return data
 
@@ -106,6 +112,18 @@ def _raw_body() -> bytes:
 def _too_large() -> ApiError:
     mb = _state().settings.max_body_mb
     return ApiError(413, f"the request body is larger than {mb} MB (ISAL_MAX_BODY_MB={mb})")
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _bracket_depth(data: bytes) -> int:
+    """The deepest nesting of ``[``/``{`` outside JSON strings (vectorised: bodies may be megabytes)."""
+    raw = np.frombuffer(_JSON_STRING.sub(b"", data), dtype=np.uint8)
+    if raw.size == 0:
+        return 0
+    steps = np.isin(raw, (ord("["), ord("{"))).astype(np.int64) - np.isin(raw, (ord("]"), ord("}")))
+    return int(np.cumsum(steps).max(initial=0))
 
 
 def _check_depth(value: Any) -> None:
@@ -131,6 +149,8 @@ def _json_value(allow_empty: bool = False) -> Any:
     data = _raw_body()
     if allow_empty and not data.strip():
         return None
+    if _bracket_depth(data) > MAX_JSON_DEPTH:  # before parsing: a deep body must not reach the recursive parser
+        raise ApiError(400, f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         body = json.loads(data)
     except RecursionError:
