@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--budget", type=int, default=None, help="labels added per cycle")
     al.add_argument("--pool-size", type=int, default=None, help="subsample the pool to this many images")
     al.add_argument("--data-root", default=None, help="where data files are looked for (default ../shared/data)")
+    al.add_argument("--start", type=int, default=None,
+                    help="labels of the random start (default 2%% of the pool; 0: the cold-start order picks them)")
+    al.add_argument("--junk", type=float, default=0.0,
+                    help="share of out-of-distribution images in the pool; the annotator skips them")
+    al.add_argument("--imbalance", type=float, default=1.0, help="most to least frequent class in the pool")
+    al.add_argument("--duplicates", type=float, default=0.0, help="share of near-copies added to the pool")
+    al.add_argument("--label-noise", type=float, default=0.0, help="share of the annotator's answers that are wrong")
 
     speed = bench.add_parser("speed", help="ISAL scoring throughput against a bare forward pass")
     speed.add_argument("--quick", action="store_true")

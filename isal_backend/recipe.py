@@ -45,7 +45,7 @@ def recipe(settings: Settings, kind: str = "classification") -> dict[str, Any]:
             "head": {"model": "softmax linear head", "fit": "L-BFGS to the optimum, warm-started",
                      "weight_decay": settings.weight_decay, "validation": f"{CV_FOLDS}-fold cross-validation"},
             "strategy": _strategy(config, settings),
-            "cold_start": "coreset (greedy k-center) on the projected backbone features",
+            "cold_start": f"{settings.cold_start} on the projected backbone features",
         }
         if settings.train_mode == "finetune":
             out["finetune_epochs"] = settings.finetune_epochs
@@ -64,7 +64,7 @@ def recipe(settings: Settings, kind: str = "classification") -> dict[str, Any]:
             "influence_params": list(settings.detection_params),
             "damping": DAMPING,
             "strategy": _strategy(config, settings),
-            "cold_start": f"coreset (greedy k-center) on {settings.backbone} features of the images",
+            "cold_start": f"{settings.cold_start} on {settings.backbone} features of the images",
         }
     raise ValueError(f"unknown task kind {kind!r}: choose {', '.join(KINDS)}")
 

@@ -39,14 +39,15 @@ from isal_backend.labelstudio.convert import rank_scores
 from isal_backend.settings import Settings
 from isal_backend.store import ModelStore
 from isal_backend.strategies.base import Strategy
-from isal_backend.strategies.baselines import CoresetStrategy
+from isal_backend.strategies.catalog import make_strategy
 from isal_backend.strategies.isal import IsalStrategy
 from isal_backend.tasks import Task, TaskParts, task_for
 from isal_backend.tasks.base import ColdStart, NotEnoughLabels, round_seed
 
 log = logging.getLogger(__name__)
 
-COLD_START_ORDER = "cold-start: core-set diversity on backbone features"
+COLD_START_ORDERS = {"coreset": "core-set diversity", "typical": "typical-first (the densest image of each cluster)",
+                     "random": "random"}
 
 
 def new_round_id() -> str:
@@ -142,14 +143,16 @@ class Round:
         report.update(info)
         model = fitted.model if isinstance(fitted, ColdStart) else fitted
         if isinstance(fitted, ColdStart):
-            strategy, report["cold_start_reason"] = CoresetStrategy(), fitted.reason
+            report["cold_start_reason"] = fitted.reason
+            if strategy.needs_model:
+                strategy = make_strategy(self.settings.cold_start)
         elif isinstance(strategy, IsalStrategy):
             with timer("s_test"):
                 try:
                     model, info = task.influence(model, inputs, strategy.options, seed)
                     report.update(info)
                 except NotEnoughLabels as exc:
-                    strategy, report["cold_start_reason"] = CoresetStrategy(), str(exc)
+                    strategy, report["cold_start_reason"] = make_strategy(self.settings.cold_start), str(exc)
         count = inputs.pool_size if self.write_size == 0 else min(self.write_size, inputs.pool_size)
         with timer("score"):
             view = task.view(model, inputs)
@@ -197,7 +200,7 @@ class Round:
         positions = np.asarray(strategy.order(view, count, seed), dtype=np.int64)
         keys = strategy.keys(view)
         if cold:
-            return Ordered(positions, keys, COLD_START_ORDER)
+            return Ordered(positions, keys, f"cold-start: {COLD_START_ORDERS.get(strategy.name, strategy.name)}")
         options = strategy.describe()
         if isinstance(strategy, IsalStrategy):
             reference = ("cross-fitted: every label is in the reference set once" if options["reference"] == "crossfit"

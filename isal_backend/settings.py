@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from isal_backend.strategies import COLD_STARTS
 from isal_backend.strategies import STRATEGIES as KNOWN_STRATEGIES
 
 # Kept in sync with isal_backend.models.backbones.BACKBONES (tests/test_settings.py checks it); copied so
@@ -70,6 +71,14 @@ class Settings:
     top_k: int | None = None
     holdout_fraction: float = 0.2
     strategy: str = "isal"
+    #: The order until a model can be had (no labels, one class): typical-first, core-set or random.
+    cold_start: str = "coreset"
+    #: ISAL (classification): influence orders only the N x batch smallest-margin tasks (0: the whole pool).
+    isal_shortlist: float = 0.0
+    #: ISAL: a task this similar (cosine) to one already in the batch waits (0: off).
+    isal_dedupe: float = 0.0
+    #: ISAL: tasks that look like the ones annotators skipped go after the others.
+    isal_skip_aware: bool = False
     train_mode: str = "head"
     device: str = "cpu"
     log_level: str = "INFO"
@@ -172,6 +181,10 @@ class Settings:
             else r.integer("ISAL_TOP_K", 1, minimum=1, hint="or auto"),
             holdout_fraction=r.fraction("ISAL_HOLDOUT_FRACTION", 0.2),
             strategy=r.choice("ISAL_STRATEGY", "isal", KNOWN_STRATEGIES),
+            cold_start=r.choice("ISAL_COLD_START", "coreset", COLD_STARTS),
+            isal_shortlist=r.seconds("ISAL_SHORTLIST", 0.0),
+            isal_dedupe=r.fraction("ISAL_DEDUPE", 0.0),
+            isal_skip_aware=r.choice("ISAL_SKIP_AWARE", "false", ("true", "false")) == "true",
             train_mode=r.choice("ISAL_TRAIN_MODE", "head", TRAIN_MODES),
             finetune_epochs=r.integer("ISAL_FINETUNE_EPOCHS", 3, minimum=1),
             device=r.device("ISAL_DEVICE", "cpu"),

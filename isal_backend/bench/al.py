@@ -16,6 +16,7 @@ seeds of six strategies run on two CPU cores.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import shutil
 import sys
@@ -29,8 +30,9 @@ import numpy as np
 import torch
 
 from isal_backend.bench import report
-from isal_backend.bench.datasets import BenchSet, load_bench_set
+from isal_backend.bench.datasets import BenchSet, junk_for, load_bench_set
 from isal_backend.bench.offline import OfflineDatastore
+from isal_backend.bench.scenarios import Scenario, apply
 from isal_backend.models.featurizer import Featurizer
 from isal_backend.recipe import recipe
 from isal_backend.round import Round
@@ -83,14 +85,21 @@ class Protocol:
 
 
 def make_protocol(kind: str, pool_size: int, num_classes: int, cycles: int | None, budget: int | None,
-                  quick: bool) -> Protocol:
-    """The paper's 2% + 2% per cycle (classification; at least two labels per class to start), or 20 + 20."""
+                  quick: bool, start: int | None = None) -> Protocol:
+    """The paper's 2% + 2% per cycle (classification; at least two labels per class to start), or 20 + 20.
+
+    ``start`` 0: no random start, the first labels are the backend's cold-start order (the first hundred
+    labels, measured on their own).
+    """
     if kind == "detection":
-        start, default_budget, default_cycles = DETECTION_PROTOCOL[int(quick)]
+        default_start, default_budget, default_cycles = DETECTION_PROTOCOL[int(quick)]
     else:
-        start = max(math.ceil(START_FRACTION * pool_size), 2 * num_classes)
+        default_start = max(math.ceil(START_FRACTION * pool_size), 2 * num_classes)
         default_budget = max(1, round(BUDGET_FRACTION * pool_size))
         default_cycles = CLASSIFICATION_CYCLES[int(quick)]
+    start = default_start if start is None else start
+    if start < 0:
+        raise ValueError(f"--start must be at least 0, got {start}")
     budget = default_budget if budget is None else budget
     cycles = default_cycles if cycles is None else cycles
     if budget < 1:
@@ -136,7 +145,8 @@ class Harness:
 
     def run(self, strategy: str, seed: int, protocol: Protocol) -> list[dict[str, Any]]:
         """One learning curve: a row per round (labels, boxes, test metric, what the round did)."""
-        settings = replace(self.settings, strategy=strategy)
+        name, settings = variant(strategy, self.settings)
+        settings = replace(settings, strategy=name)
         project_id = seed + 1  # every strategy of a seed shares the seed's folds, splits and draws
         store = ModelStore(self.work / f"seed{seed}-{strategy}")
         pool = self.bench.pool
@@ -144,13 +154,13 @@ class Harness:
                                      {i + 1: item.reference for i, item in enumerate(pool)}, self.bench.images,
                                      seed=seed)
         for i in np.random.default_rng(seed).choice(len(pool), protocol.start, replace=False):
-            datastore.annotate(int(i) + 1, pool[int(i)].result)
+            datastore.annotate(int(i) + 1, pool[int(i)].result, skipped=pool[int(i)].skip)
         parts = self.parts(settings, project_id, store)
         task = task_for(self.bench.config, parts)
-        write = 0 if settings.write_top_m == 0 else max(settings.write_top_m, protocol.budget)
+        # The round writes as many predictions as the annotator labels before the next round: the batch.
         rows: list[dict[str, Any]] = []
         for cycle in range(protocol.cycles + 1):
-            round_report = Round(project_id, datastore, store, settings, parts, write_size=write,
+            round_report = Round(project_id, datastore, store, settings, parts, write_size=protocol.budget,
                                  clean_up=datastore.clean_up).run()
             stored = store.load(project_id)
             model = task.load(stored) if stored is not None else None
@@ -160,17 +170,20 @@ class Harness:
                 metric = next(iter(task.evaluate(model, test).values()))
             labeled = datastore.annotated
             timings = round_report["timings"]
-            rows.append({
-                "strategy": strategy, "seed": seed, "cycle": cycle, "labels": len(labeled),
-                "boxes": sum(pool[i - 1].label for i in labeled) if self.bench.kind == "detection" else "",
-                "metric": metric, "round_seconds": timings["total_seconds"],
-                "select_seconds": round(sum(timings.get(f"{k}_seconds", 0.0) for k in ("fit", "s_test", "score")), 4),
-                "order": str(round_report["order"]).split(":")[0].split(" ")[0],
-            })
+            if labeled and np.isfinite(metric):  # no model yet (no label, one class): no point on the curve
+                rows.append({
+                    "strategy": strategy, "seed": seed, "cycle": cycle, "labels": len(labeled),
+                    "boxes": sum(pool[i - 1].label for i in labeled) if self.bench.kind == "detection" else "",
+                    "metric": metric, "round_seconds": timings["total_seconds"],
+                    "select_seconds": round(sum(timings.get(f"{k}_seconds", 0.0) for k in ("fit", "s_test", "score")),
+                                            4),
+                    "order": str(round_report["order"]).split(":")[0].split(" ")[0],
+                    "skips": sum(1 for i in labeled if pool[i - 1].skip),
+                })
             if cycle == protocol.cycles:
                 break
             for task_id in datastore.stream(protocol.budget):
-                datastore.annotate(task_id, pool[task_id - 1].result)
+                datastore.annotate(task_id, pool[task_id - 1].result, skipped=pool[task_id - 1].skip)
         shutil.rmtree(store.root, ignore_errors=True)
         return rows
 
@@ -206,12 +219,51 @@ def run_benchmark(bench: BenchSet, strategies: Sequence[str], seeds: Sequence[in
     return summary
 
 
+#: Short names of the settings a variant may change (``isal[shortlist=2,dedupe=0.95]``).
+VARIANT_ALIASES = {"shortlist": "isal_shortlist", "dedupe": "isal_dedupe", "skip_aware": "isal_skip_aware"}
+
+
+def split_strategies(spec: str) -> list[str]:
+    """Comma-separated strategies, commas inside ``[...]`` kept with their variant."""
+    out, depth, current = [], 0, ""
+    for ch in spec:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    out.append(current.strip())
+    return [s for s in out if s]
+
+
+def variant(spec: str, settings: Settings) -> tuple[str, Settings]:
+    """``name[key=value,...]`` -> the strategy's name and the settings it runs with (keys: Settings fields)."""
+    name, _, rest = spec.partition("[")
+    name = check_name(name.strip())
+    if not rest:
+        return name, settings
+    if not rest.endswith("]"):
+        raise ValueError(f"a strategy variant looks like isal[shortlist=2,dedupe=0.95], got {spec!r}")
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    overrides: dict[str, Any] = {}
+    for item in split_strategies(rest[:-1]):
+        key, _, value = item.partition("=")
+        key = VARIANT_ALIASES.get(key.strip(), key.strip())
+        if key not in fields or not value:
+            raise ValueError(f"{spec!r}: {key!r} is not a setting (e.g. {', '.join(VARIANT_ALIASES)}, cold_start)")
+        current = getattr(settings, key)
+        overrides[key] = (value.lower() in ("1", "true", "yes") if isinstance(current, bool)
+                          else type(current)(value) if current is not None else value)
+    return name, replace(settings, **overrides)
+
+
 def resolve_strategies(spec: str | None, kind: str) -> list[str]:
-    names = [s.strip() for s in (spec or DEFAULT_STRATEGIES[kind]).split(",") if s.strip()]
+    names = split_strategies(spec or DEFAULT_STRATEGIES[kind])
     if not names:
         raise ValueError("--strategies is empty")
     for name in names:
-        check_name(name)  # "unknown strategy 'x': choose from ..."
+        variant(name, Settings())  # "unknown strategy 'x': choose from ...", or a bad variant
     return list(dict.fromkeys(names))
 
 
@@ -248,7 +300,14 @@ def main(args: argparse.Namespace) -> int:
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     bench = load_bench_set(args.dataset, pool_size, test_size, args.data_root)
-    protocol = make_protocol(kind, len(bench.pool), len(bench.classes), args.cycles, args.budget, quick)
+    scenario = Scenario(junk=args.junk, imbalance=args.imbalance, duplicates=args.duplicates,
+                        label_noise=args.label_noise)
+    if scenario.junk:
+        junk, junk_images = junk_for(bench, args.data_root)
+        bench = apply(bench, scenario, junk, junk_images)
+    else:
+        bench = apply(bench, scenario)
+    protocol = make_protocol(kind, len(bench.pool), len(bench.classes), args.cycles, args.budget, quick, args.start)
     metric = "map50" if kind == "detection" else "accuracy"
     meta: dict[str, Any] = {
         "title": f"{bench.name}: the backend's {kind} round, {settings.backbone} features" if kind == "classification"
@@ -257,6 +316,7 @@ def main(args: argparse.Namespace) -> int:
         "test_size": len(bench.test), "num_classes": len(bench.classes), "classes": bench.classes,
         "start_labels": protocol.start, "budget": protocol.budget, "cycles": protocol.cycles,
         "final_labels": protocol.final_labels, "seeds": seeds, "strategies": strategies, "quick": quick,
+        "scenario": scenario.describe(),
         "recipe": recipe(settings, kind), **bench.info,
         "units": f"{metric} and AUC in percent; differences in percentage points",
     }

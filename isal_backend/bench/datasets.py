@@ -52,8 +52,10 @@ class BenchItem:
     """One image: its reference, its class (classification) and the ``result`` the annotator submits."""
 
     reference: str
-    label: int  # class index (classification); number of boxes (detection)
+    label: int  # class index (classification, -1 for none); number of boxes (detection)
     result: list[dict[str, Any]]
+    #: None of the classes: the annotator skips it (Label Studio stores a cancelled annotation).
+    skip: bool = False
 
 
 @dataclass
@@ -307,7 +309,7 @@ def load_folder(root: Path, pool_size: int | None, test_size: int | None, seed: 
 
     source = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f, _ in files]
     return BenchSet(root.name, "classification", classes, items(pool_idx), items(test_idx), image,
-                    _identity(str(root), source, pool_size, test_size, seed))
+                    _identity(str(root), source, pool_size, test_size, seed), info={"folder": str(root)})
 
 
 # --------------------------------------------------------------------------- detection: Pascal VOC, BCCD
@@ -351,6 +353,26 @@ def load_detection(dataset: str, pool_size: int | None, test_size: int | None, s
                     _identity(str(path), path.stat().st_size if path.is_file() else len(data), pool_size,
                               test_size, seed),
                     info={"data_issues": [i.message for i in data.issues]})
+
+
+def junk_for(bench: BenchSet, data_root: str | None = None, seed: int = 0) -> tuple[list[BenchItem], Any]:
+    """Images that are none of ``bench``'s classes, and their bytes: another data set's pool (CIFAR-10 for
+    Fashion-MNIST and the reverse), or a folder data set's ``_skip`` sub-folder."""
+    root = resolve_data_root(data_root)
+    if bench.name == "fashion-mnist":
+        other = load_cifar10(root, 6000, 0, seed)
+    elif bench.name == "cifar10":
+        other = load_fashion_mnist(root, 6000, 0, seed)
+    elif bench.kind == "classification" and bench.info.get("folder"):
+        skip = Path(str(bench.info["folder"])) / "_skip"
+        files = sorted(f for f in skip.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES) \
+            if skip.is_dir() else []
+        items = [BenchItem(f"bench://skip/{f.relative_to(skip).as_posix()}", -1, []) for f in files]
+        by_reference = {i.reference: f for i, f in zip(items, files, strict=True)}
+        return items, lambda reference: by_reference[reference].read_bytes()
+    else:
+        return [], None
+    return other.pool, other.images
 
 
 def load_bench_set(dataset: str, pool_size: int | None, test_size: int | None, data_root: str | None = None,

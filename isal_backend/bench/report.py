@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-FIELDS = ("strategy", "seed", "cycle", "labels", "boxes", "metric", "round_seconds", "select_seconds", "order")
+FIELDS = ("strategy", "seed", "cycle", "labels", "boxes", "metric", "round_seconds", "select_seconds", "order",
+          "skips")
 #: The strategies every other is compared with, when the run has them.
 BASELINES = ("random", "margin", "mean-confidence")
 
@@ -40,7 +41,7 @@ def read_curves(path: Path) -> list[dict[str, object]]:
             {"strategy": r["strategy"], "seed": int(r["seed"]), "cycle": int(r["cycle"]), "labels": int(r["labels"]),
              "boxes": int(r["boxes"]) if r.get("boxes") else "", "metric": float(r["metric"]),
              "round_seconds": float(r.get("round_seconds") or 0), "select_seconds": float(r.get("select_seconds") or 0),
-             "order": r.get("order", "")}
+             "order": r.get("order", ""), "skips": int(r.get("skips") or 0)}
             for r in csv.DictReader(f)
         ]
 
@@ -197,6 +198,12 @@ def summarize(rows: Sequence[Mapping[str, object]], meta: Mapping[str, object]) 
                 if box_aucs is not None:
                     versus["auc_vs_boxes"] = paired(box_aucs[name], box_aucs[base])
                 entry[f"vs_{base}"] = versus
+        if "random" in curves and name != "random" and np.array_equal(curves["random"][0], labels):
+            ref = curves["random"][1]  # every point of the curve, paired: the first labels matter most
+            entry["points_vs_random"] = [
+                {"labels": int(n), **paired({s: float(a[j]) for s, a in accs.items()},
+                                            {s: float(a[j]) for s, a in ref.items()})}
+                for j, n in enumerate(labels)]
         if "random" in curves and np.array_equal(curves["random"][0], labels):
             key = "label_saving_vs_random" if name != "random" else "label_saving_noise_floor"
             entry[key] = saving_summary(labels, accs, *curves["random"])

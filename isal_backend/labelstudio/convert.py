@@ -7,6 +7,9 @@ from typing import Any
 
 from isal_backend.labelstudio.config import ClassificationConfig
 
+#: AnnotationSkipped's reason when the annotators skipped the task (every annotation cancelled).
+CANCELLED = "all annotations of the task were cancelled"
+
 
 class AnnotationSkipped(ValueError):
     """An annotation (or task) gives no usable training label; `reason` says why, for the caller to report."""
@@ -73,7 +76,7 @@ def latest_annotation(task: Mapping[str, Any]) -> Mapping[str, Any]:
         raise AnnotationSkipped("task has no annotations", task_id=task_id)
     live = [a for a in annotations if not a.get("was_cancelled")]
     if not live:
-        raise AnnotationSkipped("all annotations of the task were cancelled", task_id=task_id)
+        raise AnnotationSkipped(CANCELLED, task_id=task_id)
     return max(live, key=_recency)
 
 

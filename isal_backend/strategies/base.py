@@ -47,6 +47,10 @@ class PoolView(Protocol):
         """Per pool item, the ISAL score (lower is more valuable); needs the round's s_test step."""
         ...
 
+    def skip_likeness(self) -> torch.Tensor | None:
+        """Per pool item, how much it looks like the tasks annotators skipped (0..1); None without such evidence."""
+        ...
+
 
 class Strategy(ABC):
     """Orders the unlabeled pool, most valuable first."""

@@ -7,7 +7,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from isal_backend.strategies import CORESET, ENTROPY, LEAST_CONFIDENCE, MARGIN, MEAN_CONFIDENCE, RANDOM
+from isal_backend.strategies import CORESET, ENTROPY, LEAST_CONFIDENCE, MARGIN, MEAN_CONFIDENCE, RANDOM, TYPICAL
 from isal_backend.strategies.base import PoolView, Strategy, ascending
 
 
@@ -111,3 +111,74 @@ class CoresetStrategy(Strategy):
     def order(self, view: PoolView, count: int, seed: int) -> np.ndarray:
         pool, labeled = view.embeddings()
         return k_center_greedy(pool, labeled, count, seed)
+
+
+def kmeans(points: torch.Tensor, k: int, seed: int = 0, iterations: int = 20) -> torch.Tensor:
+    """Cluster index of each point (Lloyd's k-means, k-means++ seeding); cost O(iterations * n * k * d)."""
+    n = points.shape[0]
+    x = points.float()
+    rng = np.random.default_rng(seed)
+    centers = [int(rng.integers(n))]
+    nearest = ((x - x[centers[0]]) ** 2).sum(dim=1)
+    for _ in range(1, k):
+        weights = nearest.clamp_min(0).numpy().astype(np.float64)
+        total = weights.sum()
+        pick = int(rng.choice(n, p=weights / total)) if total > 0 else int(rng.integers(n))
+        centers.append(pick)
+        nearest = torch.minimum(nearest, ((x - x[pick]) ** 2).sum(dim=1))
+    c = x[centers].clone()
+    assign = torch.zeros(n, dtype=torch.long)
+    for _ in range(iterations):
+        distance = (x * x).sum(1, keepdim=True) - 2 * x @ c.T + (c * c).sum(1)[None]
+        new = distance.argmin(dim=1)
+        if torch.equal(new, assign) and _ > 0:
+            break
+        assign = new
+        for j in range(k):
+            members = x[assign == j]
+            if len(members):
+                c[j] = members.mean(dim=0)
+    return assign
+
+
+class TypicalStrategy(Strategy):
+    """Typical-first (TypiClust): k clusters of the pool, then in each its most typical image, largest clusters first.
+
+    At tiny budgets the first labels should show what the data mostly looks like: core-set's farthest
+    points are its outliers. Typicality is the inverse mean distance to the 20 nearest neighbours within the
+    cluster. The first ``min(count, MAX_CLUSTERS)`` places hold one typical image per cluster (labeled
+    images' clusters last); the rest of the order is core-set, so it still covers the data.
+    """
+
+    name = TYPICAL
+    needs_model = False
+    MAX_CLUSTERS = 100
+    NEIGHBOURS = 20
+
+    def order(self, view: PoolView, count: int, seed: int) -> np.ndarray:
+        pool, labeled = view.embeddings()
+        n = pool.shape[0]
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        k = max(1, min(count, self.MAX_CLUSTERS, n))
+        x = pool.float()
+        assign = kmeans(x, k, seed)
+        clusters = [int(c) for c in torch.unique(assign)]
+        centroids = torch.stack([x[assign == c].mean(dim=0) for c in clusters])
+        covered: set[int] = set()
+        if labeled.shape[0]:  # a cluster a label already sits in comes after the ones none does
+            covered = {clusters[int(j)] for j in torch.cdist(labeled.float(), centroids).argmin(dim=1)}
+        first: list[tuple[int, int, int]] = []  # (covered, -size, the cluster's most typical image)
+        for cluster in clusters:
+            members = torch.nonzero(assign == cluster).flatten()
+            distance = torch.cdist(x[members], x[members])
+            nearest = distance.topk(min(self.NEIGHBOURS + 1, len(members)), largest=False).values[:, 1:]
+            typicality = 1.0 / (nearest.mean(dim=1) + 1e-12) if nearest.shape[1] else torch.ones(len(members))
+            first.append((int(cluster in covered), -len(members), int(members[int(typicality.argmax())])))
+        picks = [i for _, _, i in sorted(first)][:count]
+        if len(picks) >= count:
+            return np.asarray(picks, dtype=np.int64)
+        chosen = set(picks)
+        centers = torch.cat([labeled.float(), x[picks]]) if labeled.shape[0] else x[picks]
+        rest = [int(i) for i in k_center_greedy(pool, centers, count, seed) if int(i) not in chosen]
+        return np.asarray((picks + rest)[:count], dtype=np.int64)

@@ -12,6 +12,7 @@ from isal_backend.strategies import (
     MARGIN,
     MEAN_CONFIDENCE,
     RANDOM,
+    TYPICAL,
 )
 from isal_backend.strategies.base import Strategy
 from isal_backend.strategies.baselines import (
@@ -21,12 +22,14 @@ from isal_backend.strategies.baselines import (
     MarginStrategy,
     MeanConfidenceStrategy,
     RandomStrategy,
+    TypicalStrategy,
 )
 from isal_backend.strategies.isal import IsalOptions, IsalStrategy
 
 _PLAIN: dict[str, type[Strategy]] = {
     RANDOM: RandomStrategy, ENTROPY: EntropyStrategy, MARGIN: MarginStrategy,
     LEAST_CONFIDENCE: LeastConfidenceStrategy, MEAN_CONFIDENCE: MeanConfidenceStrategy, CORESET: CoresetStrategy,
+    TYPICAL: TypicalStrategy,
 }
 
 

@@ -15,7 +15,7 @@ import torch
 
 from isal_backend.influence import PAPER, SolverConfig
 from isal_backend.strategies import ISAL, ISAL_PAPER
-from isal_backend.strategies.base import PoolView, Strategy, ascending, balanced_order
+from isal_backend.strategies.base import PoolView, SignalMissing, Strategy, ascending, balanced_order
 
 REFERENCES = ("crossfit", "holdout")
 BALANCES = ("class", "none")
@@ -35,6 +35,14 @@ class IsalOptions:
     #: ``class``: batches filled round-robin over predicted classes; ``none``: plain ascending scores.
     balance: str = "class"
     solver: SolverConfig = field(default_factory=SolverConfig)
+    #: > 0: influence orders only the ``shortlist x count`` smallest-margin items (uncertainty proposes,
+    #: influence disposes); 0: the whole pool.
+    shortlist: float = 0.0
+    #: > 0: an item whose embedding has a cosine similarity above this to one already in the batch waits
+    #: until the batch is full (near-duplicates teach one thing once).
+    dedupe: float = 0.0
+    #: Items that look like the tasks annotators skipped go after the others (a skip costs a label).
+    skip_aware: bool = False
 
     def __post_init__(self) -> None:
         if self.reference not in REFERENCES:
@@ -45,6 +53,8 @@ class IsalOptions:
             raise ValueError(f"crossfit needs at least 2 folds, got {self.folds}")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        if self.shortlist < 0 or not 0.0 <= self.dedupe < 1.0:
+            raise ValueError(f"shortlist must be >= 0 and dedupe in [0, 1): {self.shortlist}, {self.dedupe}")
 
     def describe(self) -> dict[str, object]:
         out: dict[str, object] = {"reference": self.reference, "balance": self.balance, "top_k": self.top_k or "auto",
@@ -53,6 +63,7 @@ class IsalOptions:
             out["folds"] = self.folds
         else:
             out["holdout_fraction"] = self.holdout_fraction
+        out.update({"shortlist": self.shortlist, "dedupe": self.dedupe, "skip_aware": self.skip_aware})
         return out
 
 
@@ -71,13 +82,61 @@ class IsalStrategy(Strategy):
         return view.influence()
 
     def order(self, view: PoolView, count: int, seed: int) -> np.ndarray:
+        """Influence order (class-balanced), over a margin shortlist, skip-like items last, near-copies deferred."""
         scores = view.influence()
-        if self.options.balance == "class":
-            return balanced_order(scores, view.groups(), count, seed)
-        return ascending(scores, count, seed)
+        n = scores.shape[0]
+        candidates = np.arange(n)
+        options = self.options
+        if options.shortlist > 0:
+            try:
+                top2 = view.probabilities().topk(2, dim=1).values
+                candidates = np.sort(ascending(top2[:, 0] - top2[:, 1], max(count, round(options.shortlist * count)),
+                                               seed))
+            except SignalMissing:  # a detector has no class posterior: influence orders the whole pool
+                pass
+        groups = view.groups() if options.balance == "class" else None
+        first = self._ranked(scores, groups, candidates, seed)
+        rest = self._ranked(scores, groups, np.setdiff1d(np.arange(n), candidates), seed)
+        order = np.concatenate([first, rest])
+        if options.skip_aware:
+            skip = view.skip_likeness()
+            if skip is not None:  # stable: each part keeps its influence order
+                likely = skip.numpy()[order] >= 0.5
+                order = np.concatenate([order[~likely], order[likely]])
+        if options.dedupe > 0:
+            order = deferred_duplicates(order, view.embeddings()[0], options.dedupe, count)
+        return order[:count]
+
+    @staticmethod
+    def _ranked(scores: torch.Tensor, groups: torch.Tensor | None, subset: np.ndarray, seed: int) -> np.ndarray:
+        if subset.size == 0:
+            return subset
+        index = torch.as_tensor(subset)
+        if groups is not None:
+            local = balanced_order(scores[index], groups[index], subset.size, seed)
+        else:
+            local = ascending(scores[index], subset.size, seed)
+        return subset[local]
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, **self.options.describe()}
+
+
+def deferred_duplicates(order: np.ndarray, embeddings: torch.Tensor, threshold: float, count: int) -> np.ndarray:
+    """``order`` with every item too similar (cosine > ``threshold``) to an earlier pick moved behind the first
+    ``count`` picks; only as many items as the batch needs are compared."""
+    x = torch.nn.functional.normalize(embeddings.float(), dim=1)
+    picked: list[int] = []
+    deferred: list[int] = []
+    position = 0
+    while len(picked) < count and position < order.size:
+        item = int(order[position])
+        position += 1
+        if picked and float((x[picked] @ x[item]).max()) > threshold:
+            deferred.append(item)
+        else:
+            picked.append(item)
+    return np.concatenate([np.asarray(picked + deferred, dtype=np.int64), order[position:]])
 
 
 def paper_isal() -> IsalStrategy:

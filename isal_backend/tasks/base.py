@@ -62,6 +62,8 @@ class Split(Generic[T]):
     skipped: list[dict[str, Any]] = field(default_factory=list)
     #: Repairs that did not cost the task (a clipped box), ``{"task", "kind", "message"}``.
     notes: list[dict[str, Any]] = field(default_factory=list)
+    #: Tasks the annotators skipped (also in ``skipped``): evidence of what is none of the classes.
+    cancelled: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

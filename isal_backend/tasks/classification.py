@@ -27,7 +27,7 @@ import torch
 
 from isal_backend.influence import HeadInfluence, LinearHead, check_top_k, fit_linear_head, score_head, solve_s_test
 from isal_backend.labelstudio.config import ClassificationConfig
-from isal_backend.labelstudio.convert import AnnotationSkipped, prediction_result, task_label
+from isal_backend.labelstudio.convert import CANCELLED, AnnotationSkipped, prediction_result, task_label
 from isal_backend.labelstudio.images import decode_image
 from isal_backend.models.featurizer import STOCK, Featurizer, cache_key
 from isal_backend.models.finetune import finetune_backbone
@@ -51,6 +51,9 @@ from isal_backend.threads import single_torch_thread
 
 #: Folds of the cross-validated accuracy; ISAL's cross-fitting reuses them (one influence unit per fold).
 CV_FOLDS = 5
+#: Skipped tasks needed before "looks like a skipped one" is judged, and that judge's weight decay.
+MIN_SKIPS = 3
+SKIP_WEIGHT_DECAY = 1e-2
 
 
 def holdout_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -123,6 +126,8 @@ class ClassificationInputs(Inputs):
     labeled_labels: torch.Tensor
     pool_keys: list[str]
     rows: FeatureRows
+    #: Images of the tasks annotators skipped (cancelled annotations).
+    cancelled_keys: list[str] = field(default_factory=list)
     #: ``ISAL_TRAIN_MODE=finetune``: the backbone these features came from (this round's fine-tuning).
     backbone_weights: dict[str, torch.Tensor] | None = None
     backbone_version: str | None = None
@@ -181,7 +186,7 @@ class ClassificationView:
     """A classification model's :class:`~isal_backend.strategies.base.PoolView` of the pool."""
 
     def __init__(self, model: ClassificationModel, inputs: ClassificationInputs) -> None:
-        self.model = model
+        self.model, self.inputs = model, inputs
         self.labeled, self.pool = inputs.projected(model.projection)
         self._probs: torch.Tensor | None = None
         self._influence: torch.Tensor | None = model.pool_influence
@@ -205,6 +210,19 @@ class ClassificationView:
 
     def groups(self) -> torch.Tensor:
         return self.probabilities().argmax(dim=1)
+
+    def skip_likeness(self) -> torch.Tensor | None:
+        """A two-class head on the projected features, labeled tasks against skipped ones (balanced weights)."""
+        if len(self.inputs.cancelled_keys) < MIN_SKIPS or self.labeled.shape[0] == 0:
+            return None
+        skipped = self.inputs.rows.projected(self.inputs.cancelled_keys, self.model.projection)
+        x = torch.cat([self.labeled, skipped])
+        y = torch.cat([torch.zeros(self.labeled.shape[0], dtype=torch.long),
+                       torch.ones(skipped.shape[0], dtype=torch.long)])
+        weights = torch.where(y == 1, 0.5 / skipped.shape[0], 0.5 / self.labeled.shape[0]).double()
+        with single_torch_thread():
+            head = fit_linear_head(x, y, 2, SKIP_WEIGHT_DECAY, sample_weight=weights)
+        return head.probs(self.pool.to(head.weight.dtype))[:, 1]
 
     def influence(self) -> torch.Tensor:
         if self._influence is None:
@@ -235,7 +253,9 @@ class ClassificationTask(Task[ClassificationInputs, ClassificationModel]):
         if paper:
             return IsalOptions(reference=PAPER_OPTIONS.reference, holdout_fraction=self.settings.holdout_fraction,
                                top_k=1, balance=PAPER_OPTIONS.balance, solver=PAPER_OPTIONS.solver)
-        return IsalOptions(reference="crossfit", folds=CV_FOLDS, top_k=self.settings.top_k, balance="class")
+        return IsalOptions(reference="crossfit", folds=CV_FOLDS, top_k=self.settings.top_k, balance="class",
+                           shortlist=self.settings.isal_shortlist, dedupe=self.settings.isal_dedupe,
+                           skip_aware=self.settings.isal_skip_aware)
 
     # -- fetch -----------------------------------------------------------------------------------------
     def split(self, tasks: Sequence[dict[str, Any]]) -> Split[int]:
@@ -249,6 +269,8 @@ class ClassificationTask(Task[ClassificationInputs, ClassificationModel]):
                 label = task_label(task, self.config)
             except AnnotationSkipped as exc:  # neither trained on nor served again; reported in the round
                 split.skipped.append({"task": task.get("id"), "reason": exc.reason})
+                if exc.reason == CANCELLED:
+                    split.cancelled.append(task)
                 continue
             split.labeled.append((task, index[label]))
         return split
@@ -271,6 +293,7 @@ class ClassificationTask(Task[ClassificationInputs, ClassificationModel]):
         skipped = list(split.skipped)
         labeled_tasks = [t for t, _ in split.labeled]
         refs = self._references([*labeled_tasks, *split.unlabeled], skipped)
+        refs.update(self._references(split.cancelled, []))  # skipped tasks' images: evidence of what to avoid
         report: dict[str, Any] = {}
         # Labeled images first (training needs them); at most ISAL_ROUND_NEW_IMAGES new ones a round, so a
         # large import is featurized over several rounds, each serving an order of what is done so far.
@@ -301,9 +324,13 @@ class ClassificationTask(Task[ClassificationInputs, ClassificationModel]):
             else:
                 pool_ids.append(task_id)
                 pool_keys.append(cache_key(reference))
+        cancelled_keys = [cache_key(refs[int(t["id"])]) for t in split.cancelled
+                          if int(t["id"]) in refs and refs[int(t["id"])] not in failures
+                          and refs[int(t["id"])] not in pending]
         inputs = ClassificationInputs(
             labeled_ids, pool_ids, skipped, list(split.notes), labeled_keys, torch.tensor(labels, dtype=torch.long),
-            pool_keys, CachedRows(featurizer.cache, featurizer.model.feature_dim), report=report)
+            pool_keys, CachedRows(featurizer.cache, featurizer.model.feature_dim), report=report,
+            cancelled_keys=cancelled_keys)
         if self.settings.train_mode == "finetune" and _can_hold_out(inputs.labeled_labels) is None:
             by_id = {int(t["id"]): t for t in labeled_tasks}
             weights, version, report["finetune"] = self._finetune(

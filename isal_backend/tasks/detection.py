@@ -210,6 +210,9 @@ class DetectionView:
     def probabilities(self) -> torch.Tensor:
         raise SignalMissing("a detector has no posterior over a fixed set of classes per image")
 
+    def skip_likeness(self) -> torch.Tensor | None:
+        return None  # not measured for detection projects
+
     def confidence(self) -> torch.Tensor:
         return torch.from_numpy(mean_confidence(self.detections()))
 
