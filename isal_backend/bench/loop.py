@@ -186,7 +186,12 @@ def run(tasks: int, repeats: int, work: Path, ls_venv: Path, redis_url: str, wor
         first = wait_for(lambda: (s := store.load(project)) and s.report.get("labeled") == 20 and s.report,
                          timeout_s=6 * 3600, what="first round on 20 labels", poll_s=1.0)
         first_seconds = time.perf_counter() - started
-        wait_for(lambda: idle(backend.url, project), 3600, "an idle project after the first round", 0.5)
+        # A large import is featurized over several rounds (ISAL_ROUND_NEW_IMAGES a round): wait for the last.
+        done = wait_for(lambda: (s := store.load(project)) and s.report.get("labeled") == 20
+                        and not s.report.get("features_pending") and s.report, timeout_s=12 * 3600,
+                        what="every image featurized", poll_s=1.0)
+        featurized_seconds = time.perf_counter() - started
+        wait_for(lambda: idle(backend.url, project), 3600, "an idle project after the first rounds", 0.5)
 
         fresh, rounds = [], []
         busy_probe = NextProbe(Session(ls.url, ls.token), project)
@@ -220,6 +225,9 @@ def run(tasks: int, repeats: int, work: Path, ls_venv: Path, redis_url: str, wor
             "first_round_seconds": round(first_seconds, 1),
             "first_round_timings": first["timings"],
             "first_round_shards": first.get("shards"),
+            "first_round_pending_images": first.get("features_pending", 0),
+            "all_featurized_seconds": round(featurized_seconds, 1),
+            "last_featurizing_round": done["round_id"],
             "images_write_seconds": round(write_seconds, 1),
             "import_seconds": round(import_seconds, 1),
             "idle_next_p50_ms": _ms(idle_probe.latencies, 50), "idle_next_p99_ms": _ms(idle_probe.latencies, 99),
