@@ -147,3 +147,59 @@ def test_detection_turns_uncertainty_measures_into_mean_confidence(tmp_path: Pat
     isal, note = detection.strategy("isal")
     assert note is None and isal.describe()["reference"] == "holdout"  # a warm-started detector is never cross-fitted
     assert all(detection.strategy(name)[0] for name in STRATEGIES)
+
+
+def test_typical_first_takes_one_dense_image_per_cluster_largest_clusters_first(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[0.0, 0.0], [20.0, 0.0], [0.0, 20.0]])
+    sizes = [60, 30, 10]
+    pool = torch.cat([centers[i] + torch.randn(n, 2, generator=gen) for i, n in enumerate(sizes)])
+    outlier = torch.tensor([[60.0, 60.0]])
+    pool = torch.cat([pool, outlier])
+    data = ClassificationInputs.of([], list(range(pool.shape[0])), torch.zeros(0, 2), torch.zeros(0, dtype=torch.long),
+                                   pool)
+    view = task(tmp_path).view(None, data)
+    order = make_strategy("typical").order(view, 3, seed=0)
+    cluster_of = [int(torch.cdist(pool[i : i + 1], centers).argmin()) for i in order]
+    assert cluster_of == [0, 1, 2] and 100 not in order.tolist()  # core-set would take the outlier first
+    assert CoresetStrategy().order(view, 2, seed=0).tolist()[1] == 100  # the farthest point: the outlier
+
+
+def test_isal_shortlist_dedupe_and_skip_awareness(tmp_path: Path) -> None:
+    t, data = task(tmp_path), inputs()
+    model, _ = t.fit(data, None, 0)
+    plain = IsalOptions(reference="holdout", balance="none")
+    model, _ = t.influence(model, data, plain, 0)
+    view = t.view(model, data)
+    top2 = view.probabilities().topk(2, dim=1).values
+    margins = (top2[:, 0] - top2[:, 1]).numpy()
+    shortlisting = make_strategy("isal", IsalOptions(reference="holdout", balance="none", shortlist=2))
+    shortlisted = shortlisting.order(view, 10, 0)
+    assert set(shortlisted.tolist()) <= set(np.argsort(margins)[:20].tolist())  # only the 20 smallest margins
+    scores = view.influence().numpy()[np.argsort(margins)[:20]]
+    assert np.allclose(np.sort(scores)[:10], view.influence().numpy()[shortlisted])  # ordered by influence there
+    # a near-copy of the first pick waits until the batch is full
+    first = int(make_strategy("isal", plain).order(view, 1, 0)[0])
+    copy = data.pool_features[first] + 1e-4
+    both = ClassificationInputs.of(data.labeled_ids, [*data.pool_ids, 99_999], data.labeled_features,
+                                   data.labeled_labels, torch.cat([data.pool_features, copy[None]]))
+    model2, _ = t.influence(t.fit(both, None, 0)[0], both, plain, 0)
+    view2 = t.view(model2, both)
+    deduped = make_strategy("isal", IsalOptions(reference="holdout", balance="none", dedupe=0.999))
+    pair = {first, 400}
+    assert pair <= set(make_strategy("isal", plain).order(view2, 5, 0).tolist())  # both rank high ...
+    assert len(pair & set(deduped.order(view2, 5, 0).tolist())) == 1  # ... but one batch takes one of them
+    # skip awareness: with skipped images like one part of the pool, that part goes last
+    skipped = data.pool_features[:10] + 0.01
+    skipping = ClassificationInputs.of(data.labeled_ids, data.pool_ids, data.labeled_features, data.labeled_labels,
+                                       data.pool_features)
+    rows = torch.cat([skipping.rows.features, skipped])
+    keys = [*skipping.labeled_keys, *skipping.pool_keys, *(f"skip-{i}" for i in range(10))]
+    skipping.rows = type(skipping.rows)(keys, rows)
+    skipping.cancelled_keys = [f"skip-{i}" for i in range(10)]
+    aware = make_strategy("isal", IsalOptions(reference="holdout", balance="none", skip_aware=True))
+    view3 = t.view(model, skipping)
+    likeness = view3.skip_likeness()
+    assert likeness is not None and float(likeness[:10].mean()) > 0.5 > float(likeness[10:].mean())
+    flagged = (likeness >= 0.5).numpy()[aware.order(view3, 400, 0)]
+    assert flagged.any() and not flagged[: int((~flagged).sum())].any()  # every skip-like one after the others

@@ -150,6 +150,11 @@ class ClassificationInputs(Inputs):
         return self.rows.raw(self.labeled_keys)
 
     @property
+    def pool_features(self) -> torch.Tensor:
+        """Raw features of the pool (read on demand: 1,280 numbers a task)."""
+        return self.rows.raw(self.pool_keys)
+
+    @property
     def size(self) -> int:
         return len(self.labeled_keys) + len(self.pool_keys)
 
