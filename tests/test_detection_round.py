@@ -24,6 +24,7 @@ from isal_backend.labelstudio.convert import AnnotationSkipped, describe_result
 from isal_backend.round import Round
 from isal_backend.settings import Settings, SettingsError
 from isal_backend.store import ModelStore
+from isal_backend.summary import Summaries
 from isal_backend.tasks import TaskParts
 from isal_backend.tasks import artifacts as keys
 from isal_backend.tasks.detection import DetectionTask, Sample, prelabel, shrink, task_boxes
@@ -254,6 +255,13 @@ def test_isal_round_on_real_images_with_cold_start_and_warm_start(tmp_path: Path
     assert second["warm_start"] is True and second["body_cache"]["loaded"] > 0
     assert second["body_cache"]["loaded"] == first["body_cache"]["loaded"] + first["body_cache"]["computed"]
     assert second["body_cache"]["computed"] == 0
+
+    # The dashboard's summary of these rounds: mAP@0.5 on the held-out images, one point per round with a detector.
+    summary = Summaries(s).project(7)
+    assert summary["metric"]["label"] == "held-out mAP@0.5" and summary["classes"]["unit"] == "boxes"
+    assert [(c["round_id"], c["value"]) for c in summary["curve"]] == [
+        (r["round_id"], r["validation_map50"]) for r in (first, second)]
+    assert [r["round_id"] for r in summary["rounds"]] == [cold["round_id"], first["round_id"], second["round_id"]]
 
 
 @pytest.mark.parametrize(("strategy", "order"), [("random", "random"), ("margin", "mean-confidence"),
