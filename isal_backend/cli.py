@@ -1,4 +1,4 @@
-"""``python -m isal_backend``: the benchmarks, the recipe and the RQ worker.
+"""``python -m isal_backend``: the benchmarks, the recipe, each project's status and the RQ worker.
 
 Each sub-command is defined here and implemented where its code lives, imported lazily so that
 ``worker`` does not pay for matplotlib and ``bench`` does not need Redis.
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     recipe = sub.add_parser("recipe", help="print the recipe a round runs with the current environment (JSON)")
     recipe.add_argument("--task", default="classification", choices=["classification", "detection"])
 
+    status = sub.add_parser("status", help="each project's active learning, as /dashboard shows it (a table)")
+    status.add_argument("project", nargs="?", type=int, default=None, help="one project in detail")
+    status.add_argument("--json", action="store_true", help="the summary as JSON, for scripts")
+
     worker = sub.add_parser("worker", help="run an RQ worker for the backend's queue (needs REDIS_URL)")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.add_argument("--name", default=None)
@@ -81,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         elif args.command == "bench" and args.bench == "loop":
             from isal_backend.bench.loop import main as run
+
+        elif args.command == "status":
+            from isal_backend.summary import main as run
 
         else:
             from isal_backend.queue.worker import main as run

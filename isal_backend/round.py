@@ -12,7 +12,8 @@ One round runs every task kind; it reads like its data path, each step timed int
 6. **write back**: one prediction for each of the top tasks (pre-label as ``result``, rank mapped
    into [0, 1] as ``score``, the round id as ``model_version``), then the stream serves them;
 7. **commit**: the round's artifacts to the model store, atomically (a killed round leaves the previous
-   one current), the report for /metrics; then older rounds' predictions are cleaned up.
+   one current), the report for /metrics and its line in the project's history (the dashboard's curve);
+   then thumbnails of the stream's head for the dashboard, and older rounds' predictions are cleaned up.
 
 The round knows no Label Studio (only the :class:`~isal_backend.datastore.Datastore` port) and no
 model internals (only the :class:`~isal_backend.tasks.base.Task` of the project's kind), so the
@@ -35,19 +36,22 @@ import torch
 
 from isal_backend.datastore import Datastore
 from isal_backend.labelstudio.config import parse_project_config
-from isal_backend.labelstudio.convert import rank_scores
+from isal_backend.labelstudio.convert import describe_result, rank_scores
 from isal_backend.settings import Settings
-from isal_backend.store import ModelStore
+from isal_backend.store import ImageCache, ModelStore
 from isal_backend.strategies.base import Strategy
 from isal_backend.strategies.catalog import make_strategy
 from isal_backend.strategies.isal import IsalStrategy
 from isal_backend.tasks import Task, TaskParts, task_for
-from isal_backend.tasks.base import ColdStart, NotEnoughLabels, round_seed
+from isal_backend.tasks.base import ColdStart, NotEnoughLabels, image_bytes, image_reference, round_seed
+from isal_backend.thumbnails import Thumbnails, thumbnail_key
 
 log = logging.getLogger(__name__)
 
 COLD_START_ORDERS = {"coreset": "core-set diversity", "typical": "typical-first (the densest image of each cluster)",
                      "random": "random"}
+#: Tasks at the head of the stream the report describes, with thumbnails (the dashboard's "next tasks").
+STREAM_HEAD = 12
 
 
 def new_round_id() -> str:
@@ -168,11 +172,14 @@ class Round:
                 for i, score, result in zip(ordered.positions, scores, results, strict=True)
             ]
             written = self.datastore.write(round_id, predictions)
+        head, references = self.stream_head(task, tasks, predictions, ordered)
         report.update({
             "model_version": round_id, "tasks_scored": inputs.pool_size, "written": written,
-            "top_tasks": [int(inputs.pool_ids[int(i)]) for i in ordered.positions[:20]],
-            "skipped": inputs.skipped, "notes": inputs.notes, **task.report(inputs),
+            "top_tasks": [int(inputs.pool_ids[int(i)]) for i in ordered.positions[:20]], "stream_head": head,
+            "skipped": inputs.skipped, "notes": inputs.notes, **task.report(inputs, view),
         })
+        if ordered.keys is not None:
+            report["stream_key"] = "influence" if isinstance(strategy, IsalStrategy) else strategy.name
         if model is not None:
             model.strategy = strategy.name
             pool_keys = torch.sort(ordered.keys.double()).values if ordered.keys is not None else None
@@ -183,15 +190,57 @@ class Round:
         report["seconds"] = timer.total()
         report["finished_at"] = datetime.now(UTC).isoformat()
         self.store.commit(self.project_id, round_id, tensors, meta, report)
+        self.store.record_history(self.project_id, report)
         self.store.prune(self.project_id)
         if model is not None:
             task.committed(model)
+        self.thumbnails(references)
         log.info("project %s round %s (%s): %s labeled, %s scored, %s written, order %s, %.2f s", self.project_id,
                  round_id, task.kind, report["labeled"], report["tasks_scored"], written, report["order"],
                  report["seconds"])
         if self.clean_up is not None and written:
             self.clean_up(round_id)
         return report
+
+    @staticmethod
+    def stream_head(task: Task, tasks: list[dict[str, Any]], predictions: list[dict[str, Any]],
+                    ordered: Ordered) -> tuple[list[dict[str, Any]], list[str]]:
+        """The first :data:`STREAM_HEAD` written tasks as the dashboard lists them (task, pre-label, score, the
+        strategy's key, a thumbnail's key: a hash, never the image URL), and their image references."""
+        by_id = {t.get("id"): t for t in tasks}
+        head, references = [], []
+        for prediction, position in zip(predictions[:STREAM_HEAD], ordered.positions[:STREAM_HEAD], strict=True):
+            entry: dict[str, Any] = {"task": prediction["task"], "score": round(float(prediction["score"]), 6),
+                                     "prelabel": describe_result(prediction["result"])}
+            if ordered.keys is not None:
+                entry["key"] = float(ordered.keys[int(position)])
+            try:
+                reference = image_reference(by_id.get(prediction["task"], {}), task.config.image_value_key)
+            except ValueError:
+                reference = None
+            if reference is not None:
+                entry["thumbnail"] = thumbnail_key(reference)
+                references.append(reference)
+            head.append(entry)
+        return head, references
+
+    def thumbnails(self, references: list[str]) -> None:
+        """Thumbnails of the stream head, from the bytes a detection project keeps or one read of the datastore.
+
+        After the commit: the new order is already served, and a failure costs only a placeholder.
+        """
+        cache = self.parts.image_cache or ImageCache(self.parts.project_dir / "images")
+
+        def read(reference: str) -> bytes:
+            return image_bytes(reference, lambda r: cache.get(r) or self.datastore.image(r))
+
+        start = time.perf_counter()
+        try:
+            counts = Thumbnails.of_project(self.store.project_dir(self.project_id)).ensure(references, read)
+        except OSError as exc:
+            log.warning("project %s: thumbnails not written: %s", self.project_id, exc)
+            return
+        log.debug("project %s: thumbnails %s in %.2f s", self.project_id, counts, time.perf_counter() - start)
 
     @staticmethod
     def order(strategy: Strategy, view: Any, count: int, seed: int, cold: bool) -> Ordered:

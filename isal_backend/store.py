@@ -9,6 +9,8 @@ Layout::
                                        isal_backend/tasks/artifacts.py)
         rounds/<round_id>/report.json  metrics, counts, timings, order in force, skipped items
         CURRENT                        the round id in force (replaced atomically)
+        history.jsonl                  one summary line per committed round, never pruned (see history.py)
+        thumbnails/<hash>.jpg          the stream head's images, small, for the dashboard (see thumbnails.py)
         features/<backbone>/*.pt       feature cache chunks (see FeatureCache)
         images/<hash>                  downloaded image bytes of detection tasks (see ImageCache)
         detector-body/*.pt             the detector's frozen body outputs, float16 (see TensorListCache)
@@ -34,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from isal_backend.history import append, history_path, stored_rounds, summary
 
 
 @dataclass
@@ -118,6 +122,17 @@ class ModelStore:
         for folder in stale:
             shutil.rmtree(folder, ignore_errors=True)
         return len(stale)
+
+    def record_history(self, project_id: int, report: dict[str, Any]) -> None:
+        """Append the committed round's summary to the project's history (the dashboard's curve and timeline).
+
+        A project's first history line is preceded by the rounds it still has stored, oldest first.
+        """
+        folder = self.project_dir(project_id)
+        seed = None
+        if not history_path(folder).exists():
+            seed = [r for r in stored_rounds(folder) if r.get("round_id") != report.get("round_id")]
+        append(folder, summary(report), seed=seed)
 
     def prune(self, project_id: int, keep: int = 5) -> None:
         """Keep the newest ``keep`` rounds (and always the current one)."""

@@ -20,10 +20,11 @@ from isal_backend.bench.voc import BCCD_ARCHIVE_NAME, load_bccd
 from isal_backend.detection.boxes import boxes_to_regions, regions_to_boxes
 from isal_backend.jobs.entry import stored_predictions
 from isal_backend.labelstudio.config import DetectionConfig
-from isal_backend.labelstudio.convert import AnnotationSkipped
+from isal_backend.labelstudio.convert import AnnotationSkipped, describe_result
 from isal_backend.round import Round
 from isal_backend.settings import Settings, SettingsError
 from isal_backend.store import ModelStore
+from isal_backend.summary import Summaries
 from isal_backend.tasks import TaskParts
 from isal_backend.tasks import artifacts as keys
 from isal_backend.tasks.detection import DetectionTask, Sample, prelabel, shrink, task_boxes
@@ -233,12 +234,34 @@ def test_isal_round_on_real_images_with_cold_start_and_warm_start(tmp_path: Path
     assert all(r["type"] == "rectanglelabels" and 0.0 <= r["score"] <= 1.0 for p in predictions for r in p["result"])
     assert project.datastore.prediction(first["top_tasks"][0])["score"] == 0.0  # the stream serves it first
 
+    # What the dashboard shows: boxes per class labeled and predicted over the pool, the stream's head.
+    def per_class(results: Any) -> dict[str, int]:
+        names = [r["value"]["rectanglelabels"][0] for result in results for r in result]
+        return {c: names.count(c) for c in project.classes}
+
+    assert cold["classes"] == {"unit": "boxes", "labeled": per_class(project.truth[i] for i in (1, 2))}
+    assert first["classes"]["labeled"] == per_class(project.truth[i] for i in range(1, 7))
+    written = [project.datastore.prediction(t)["result"] for t in first["top_tasks"]]
+    assert first["classes"]["pool_predicted"] == per_class(written)  # every pool image was written back
+    assert [h["task"] for h in first["stream_head"]] == first["top_tasks"] and first["stream_key"] == "influence"
+    for head, result in zip(first["stream_head"], written, strict=True):
+        assert head["prelabel"] == describe_result(result) and len(head["thumbnail"]) == 40
+        if result:
+            assert head["prelabel"].startswith(f"{len(result)} box")
+
     # The second round reads every body output from the project's cache (written by the first round's
     # commit): the same images need no backbone pass at all; the detector warm-starts.
     second = Round(7, project.datastore, store, s).run()
     assert second["warm_start"] is True and second["body_cache"]["loaded"] > 0
     assert second["body_cache"]["loaded"] == first["body_cache"]["loaded"] + first["body_cache"]["computed"]
     assert second["body_cache"]["computed"] == 0
+
+    # The dashboard's summary of these rounds: mAP@0.5 on the held-out images, one point per round with a detector.
+    summary = Summaries(s).project(7)
+    assert summary["metric"]["label"] == "held-out mAP@0.5" and summary["classes"]["unit"] == "boxes"
+    assert [(c["round_id"], c["value"]) for c in summary["curve"]] == [
+        (r["round_id"], r["validation_map50"]) for r in (first, second)]
+    assert [r["round_id"] for r in summary["rounds"]] == [cold["round_id"], first["round_id"], second["round_id"]]
 
 
 @pytest.mark.parametrize(("strategy", "order"), [("random", "random"), ("margin", "mean-confidence"),

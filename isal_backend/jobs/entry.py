@@ -37,7 +37,7 @@ from isal_backend.tasks.base import ImageSource, Split
 log = logging.getLogger(__name__)
 
 #: Report fields too bulky for the status store (/metrics reads it on every scrape).
-BULKY = ("skipped", "notes", "top_tasks")
+BULKY = ("skipped", "notes", "top_tasks", "stream_head")
 #: The task mirror's file in a project's model-store folder.
 MIRROR_FILE = "mirror.sqlite3"
 #: The score of a prediction with nothing to place it by (no round yet, or a set-wise order).

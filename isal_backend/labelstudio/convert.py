@@ -88,6 +88,26 @@ def prediction_result(config: ClassificationConfig, label: str) -> list[dict[str
              "value": {"choices": [label]}}]
 
 
+def describe_result(result: Sequence[Mapping[str, Any]]) -> str:
+    """A short text of a ``result`` (a pre-label) for people: the choices, or the boxes per label."""
+    choices: list[str] = []
+    boxes: dict[str, int] = {}
+    for item in result:
+        value = item.get("value") if isinstance(item, Mapping) else None
+        if not isinstance(value, Mapping):
+            continue
+        if isinstance(value.get("choices"), list):
+            choices.extend(str(c) for c in value["choices"])
+        for label in value.get("rectanglelabels") or []:
+            boxes[str(label)] = boxes.get(str(label), 0) + 1
+    parts = list(choices)
+    if boxes:
+        total = sum(boxes.values())
+        counts = ", ".join(f"{label} x{n}" for label, n in sorted(boxes.items(), key=lambda kv: (-kv[1], kv[0])))
+        parts.append(f"{total} box{'es' if total != 1 else ''}: {counts}")
+    return "; ".join(parts)
+
+
 def rank_scores(n: int) -> list[float]:
     """Scores for influence ranks 0..n-1 (0 = most valuable): strictly increasing, all within [0, 1].
 

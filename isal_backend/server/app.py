@@ -1,4 +1,5 @@
-"""The backend's HTTP views: /health, /setup, /predict, /webhook, /versions, /metrics, /status, auth, errors.
+"""The backend's HTTP views: /health, /setup, /predict, /webhook, /versions, /metrics, /status, auth, errors
+(the /dashboard pages are in :mod:`isal_backend.server.dashboard`).
 
 Served on label-studio-ml's Flask app (:mod:`isal_backend.server.ls_ml` swaps its broken views for
 these). Views only validate and hand over: events go to the queue, predictions to
@@ -27,6 +28,7 @@ from isal_backend.labelstudio.client import LabelStudioAPIError, LabelStudioUnav
 from isal_backend.labelstudio.config import LabelConfigError, parse_project_config
 from isal_backend.labelstudio.mirror import request_resync
 from isal_backend.queue import ROUND, SCORE, Coalescer, make_coalescer
+from isal_backend.server.dashboard import ROUTES as DASHBOARD_ROUTES
 from isal_backend.server.durable import JOURNALED, DurableSubmitter
 from isal_backend.server.ls_link import ProjectLinks, SetupRefused
 from isal_backend.server.ls_ml import patched_app
@@ -434,7 +436,7 @@ def create_app(settings: Settings | None = None, coalescer: Coalescer | None = N
         views={"health": health, "_setup": setup, "_predict": predict, "webhook": webhook, "get_version": versions,
                "metrics": metrics, "_is_training": is_training, "_train": train_gone},
         routes={"get_version_get": ("/versions", versions, ["GET"]),
-                "project_status": ("/status/<project_id>", project_status_view, ["GET"])},
+                "project_status": ("/status/<project_id>", project_status_view, ["GET"]), **DASHBOARD_ROUTES},
         before_request=_before_request,
         error_handlers={ApiError: _handle_api_error, HTTPException: _handle_http, Exception: _handle_any},
         model_dir=str(settings.model_dir),

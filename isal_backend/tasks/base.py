@@ -196,8 +196,10 @@ class Task(ABC, Generic[InputsT, ModelT]):
     def evaluate(self, model: ModelT, inputs: InputsT) -> dict[str, float]:
         """The model's figures on labeled ``inputs`` it did not train on (a benchmark's test split)."""
 
-    def report(self, inputs: InputsT) -> dict[str, Any]:
-        """What this kind's caches did in the round (for its report), once the pool was scored."""
+    def report(self, inputs: InputsT, view: Any) -> dict[str, Any]:
+        """What this kind adds to the round's report once the pool is scored and pre-labeled (``view``: its
+        :meth:`view`): what its caches did, and ``classes``, how the labels and the pool's predictions spread
+        over the classes (the dashboard shows both)."""
         return {}
 
     def committed(self, model: ModelT) -> None:

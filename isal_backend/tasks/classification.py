@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Sequence
@@ -470,6 +471,18 @@ class ClassificationTask(Task[ClassificationInputs, ClassificationModel]):
             return [[] for _ in positions]
         predicted = view.probabilities().argmax(dim=1)
         return [prediction_result(self.config, self.labels[int(predicted[int(i)])]) for i in positions]
+
+    def report(self, inputs: ClassificationInputs, view: ClassificationView) -> dict[str, Any]:
+        """Labels per class, and the pool's predicted classes (none at cold start: no head yet)."""
+
+        def per_class(values: torch.Tensor) -> dict[str, int]:
+            counts = torch.bincount(values.long(), minlength=len(self.labels)) if values.numel() else None
+            return {name: int(counts[i]) if counts is not None else 0 for i, name in enumerate(self.labels)}
+
+        classes: dict[str, Any] = {"unit": "images", "labeled": per_class(inputs.labeled_labels)}
+        with contextlib.suppress(SignalMissing):  # cold start: no head yet
+            classes["pool_predicted"] = per_class(view.groups())
+        return {"classes": classes}
 
     def evaluate(self, model: ClassificationModel, inputs: ClassificationInputs) -> dict[str, float]:
         if model.head is None or not inputs.labeled_ids:

@@ -423,9 +423,24 @@ class DetectionTask(Task[DetectionInputs, DetectionModel]):
                                         [s.target for s in inputs.labeled], len(self.labels))
         return {"map50": float(result["map"])}
 
-    def report(self, inputs: DetectionInputs) -> dict[str, Any]:
+    def report(self, inputs: DetectionInputs, view: DetectionView) -> dict[str, Any]:
+        """Image and body cache use; boxes per class labeled, and the pool's predicted boxes above the threshold."""
+        labeled = np.zeros(len(self.labels), dtype=np.int64)
+        for sample in inputs.labeled:
+            if sample.target is not None:
+                labeled += np.bincount(sample.target["labels"].numpy(), minlength=len(self.labels))
+        classes: dict[str, Any] = {"unit": "boxes", "labeled": dict(zip(self.labels, labeled.tolist(), strict=True))}
+        try:
+            threshold = view.model.score_threshold if view.model is not None else 0.0
+            predicted = np.zeros(len(self.labels), dtype=np.int64)
+            for detection in view.detections():  # made for the pre-labels already: no second pass
+                kept = detection["labels"][detection["scores"] >= threshold].numpy()
+                predicted += np.bincount(kept, minlength=len(self.labels))
+            classes["pool_predicted"] = dict(zip(self.labels, predicted.tolist(), strict=True))
+        except SignalMissing:  # cold start: no detector yet
+            pass
         out: dict[str, Any] = {"images_downloaded": inputs.images_downloaded,
-                               "image_cache_hits": inputs.image_cache_hits}
+                               "image_cache_hits": inputs.image_cache_hits, "classes": classes}
         cache = self.parts.body_cache
         if isinstance(cache, TensorListCache):
             out["body_cache"] = {"loaded": cache.loaded, "computed": cache.pending}
