@@ -146,8 +146,11 @@ class Round:
             fitted, info = task.fit(inputs, previous, seed)
         report.update(info)
         model = fitted.model if isinstance(fitted, ColdStart) else fitted
-        if isinstance(fitted, ColdStart):
-            report["cold_start_reason"] = fitted.reason
+        warmup = len(inputs.labeled_ids) < self.settings.warmup_labels
+        if isinstance(fitted, ColdStart) or (warmup and strategy.needs_model):
+            report["cold_start_reason"] = fitted.reason if isinstance(fitted, ColdStart) else (
+                f"{len(inputs.labeled_ids)} labels, fewer than ISAL_WARMUP_LABELS={self.settings.warmup_labels}: "
+                "the model pre-labels, the cold-start order stays")
             if strategy.needs_model:
                 strategy = make_strategy(self.settings.cold_start)
         elif isinstance(strategy, IsalStrategy):

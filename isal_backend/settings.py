@@ -73,6 +73,8 @@ class Settings:
     strategy: str = "isal"
     #: The order until a model can be had (no labels, one class): typical-first, core-set or random.
     cold_start: str = "coreset"
+    #: Rounds with fewer labels than this keep the cold-start order although a model can be had (0: none).
+    warmup_labels: int = 0
     #: ISAL (classification): influence orders only the N x batch smallest-margin tasks (0: the whole pool).
     isal_shortlist: float = 0.0
     #: ISAL: a task this similar (cosine) to one already in the batch waits (0: off).
@@ -182,6 +184,8 @@ class Settings:
             holdout_fraction=r.fraction("ISAL_HOLDOUT_FRACTION", 0.2),
             strategy=r.choice("ISAL_STRATEGY", "isal", KNOWN_STRATEGIES),
             cold_start=r.choice("ISAL_COLD_START", "coreset", COLD_STARTS),
+            warmup_labels=r.integer("ISAL_WARMUP_LABELS", 0, minimum=0,
+                                    hint="labels before a model orders the stream; 0: as soon as one can be had"),
             isal_shortlist=r.seconds("ISAL_SHORTLIST", 0.0),
             isal_dedupe=r.fraction("ISAL_DEDUPE", 0.0),
             isal_skip_aware=r.choice("ISAL_SKIP_AWARE", "false", ("true", "false")) == "true",
