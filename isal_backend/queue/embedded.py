@@ -67,6 +67,7 @@ class EmbeddedCoalescer:
         self._reconcile_settings = reconcile if reconcile is not None and reconcile.reconcile_seconds > 0 else None
         self._reconcile_thread: threading.Thread | None = None
         self._closed = False
+        self._in_hand = 0  # items taken off the list whose _run has not finished (idle() must count them)
         self.jobs = dict.fromkeys((Outcome.SUCCEEDED, Outcome.FAILED, Outcome.RETRYING, Outcome.SUPERSEDED), 0)
 
     @classmethod
@@ -144,6 +145,7 @@ class EmbeddedCoalescer:
                 ready = [i for i in self._items if i.not_before <= now]
                 if ready:
                     self._items.remove(ready[0])
+                    self._in_hand += 1
                     return ready[0]
                 wait = min((i.not_before - now for i in self._items), default=None)
                 self._lock.wait(timeout=wait)
@@ -155,6 +157,9 @@ class EmbeddedCoalescer:
                 self._run(item)
             except Exception:  # noqa: BLE001 - the loop must survive anything a job does
                 logger.exception("embedded worker: unexpected error around job %s", item.job_id)
+            finally:
+                with self._lock:
+                    self._in_hand -= 1
 
     def _run(self, item: _Item) -> None:
         with self._lock:
@@ -227,7 +232,7 @@ class EmbeddedCoalescer:
     def idle(self) -> bool:
         """No job queued or running (tests and shutdown use it)."""
         with self._lock:
-            return not self._items and not any(p.running for p in self._projects.values())
+            return not self._items and not self._in_hand and not any(p.running for p in self._projects.values())
 
     def close(self) -> None:
         with self._lock:
