@@ -91,6 +91,7 @@ class Settings:
     score_job: str = "isal_backend.jobs.entry.score_new_tasks"
     lease_seconds: float = 30.0
     job_retries: int = 3
+    embedded_threads: int = 2
     retry_backoff: tuple[int, ...] = (10, 60, 300)
     shard_size: int = 2000
     #: New images a round featurizes before it orders (0: all); the rest follow in the next rounds.
@@ -199,6 +200,7 @@ class Settings:
             score_job=r.dotted("ISAL_SCORE_JOB", "isal_backend.jobs.entry.score_new_tasks"),
             lease_seconds=r.positive_float("ISAL_LEASE_SECONDS", 30.0),
             job_retries=r.integer("ISAL_JOB_RETRIES", 3, minimum=0),
+            embedded_threads=r.integer("ISAL_EMBEDDED_THREADS", 2, minimum=1),
             retry_backoff=r.int_list("ISAL_RETRY_BACKOFF", (10, 60, 300)),
             full_resync_seconds=r.seconds("ISAL_FULL_RESYNC_SECONDS", 3600.0),
             delete_old_predictions=r.choice("ISAL_DELETE_OLD_PREDICTIONS", "true", ("true", "false")) == "true",

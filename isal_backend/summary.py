@@ -116,9 +116,11 @@ def queue_state(snapshot: Mapping[str, Any] | None, project_id: int) -> dict[str
 
 
 def embedded_workers(snapshot: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The embedded queue's one worker: a thread of the server process."""
-    busy = int(snapshot.get("jobs", {}).get("started", 0)) > 0
-    return [{"name": "embedded worker (a thread of the server process)", "state": "busy" if busy else "idle"}]
+    """The embedded queue's worker threads (threads of the server process), busy ones first."""
+    busy = int(snapshot.get("jobs", {}).get("started", 0))
+    threads = max(int(snapshot.get("threads", 1)), busy)
+    return [{"name": f"embedded worker {n + 1} (a thread of the server process)",
+             "state": "busy" if n < busy else "idle"} for n in range(threads)]
 
 
 def rq_workers(connection: Any, queue_name: str) -> list[dict[str, Any]]:

@@ -7,18 +7,33 @@ threads against 0.64 ms with one; a cross-fitted round's heads 8-9 s against 0.4
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
+# torch's thread count is process-wide: blocks running at once on several threads (the embedded queue's
+# workers) share one count, and the last block to leave restores the count from before the first.
+_lock = threading.Lock()
+_inside = 0
+_before = 0
+
 
 @contextmanager
 def single_torch_thread() -> Iterator[None]:
-    """Run the block on one intra-op thread, then restore the previous count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """Run the block on one intra-op thread, then restore the count from before (nested and concurrent
+    blocks included)."""
+    global _inside, _before
+    with _lock:
+        if _inside == 0:
+            _before = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _inside += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _lock:
+            _inside -= 1
+            if _inside == 0:
+                torch.set_num_threads(_before)

@@ -61,6 +61,12 @@ def record_round(project_id: int) -> dict:
     return {"ok": True}
 
 
+def slow_project_one_round(project_id: int) -> dict:
+    """Project 1's round takes 4 s (as one with images dripping in until their deadline), others 0.1 s."""
+    _observe(project_id, 4.0 if int(project_id) == 1 else 0.1)
+    return {"ok": True}
+
+
 def record_scoring(project_id: int, task_ids: list[int]) -> None:
     _observe(project_id, 0.05, task_ids=list(task_ids))
 

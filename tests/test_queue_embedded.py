@@ -59,6 +59,40 @@ def test_embedded_burst_under_gunicorn_loses_nothing(harness, record_property):
         assert _status(url, project)["last_job"]["outcome"] == "succeeded"
 
 
+def test_a_slow_project_does_not_hold_back_another_projects_round(tmp_path):
+    """Issue 10, item 3: project 1's round is slow; project 2's round, submitted after it, ends first, and
+    project 1's next round still waits for its first (never two rounds of one project at once)."""
+    h = Harness(str(tmp_path))
+    try:
+        os.environ["ISAL_TEST_RECORD_URL"] = h.env["ISAL_TEST_RECORD_URL"]
+        os.environ["ISAL_TEST_RECORD_KEY"] = h.env["ISAL_TEST_RECORD_KEY"]
+        co = EmbeddedCoalescer(
+            targets={ROUND: "tests.jobs_for_tests.slow_project_one_round",
+                     "score": "tests.jobs_for_tests.noop_scoring"},
+            status_folder=Path(tmp_path) / "status", retries=0, threads=2,
+        )
+        first = co.submit(ROUND, 1)
+        deadline = time.time() + 10
+        while not any(r["event"] == "start" for r in h.records()) and time.time() < deadline:
+            time.sleep(0.02)
+        second = co.submit(ROUND, 1)  # waits for the first: same project
+        other = co.submit(ROUND, 2)
+        deadline = time.time() + 60
+        while not co.idle() and time.time() < deadline:
+            time.sleep(0.05)
+        ends = {r["job_id"]: r for r in h.records() if r["event"] == "end"}
+        assert set(ends) == {first.job_id, second.job_id, other.job_id}
+        assert ends[other.job_id]["ended"] < ends[first.job_id]["ended"]
+        assert ends[second.job_id]["started"] >= ends[first.job_id]["ended"]
+        assert all(r["concurrent"] == 1 for r in ends.values())
+        assert co.snapshot()["threads"] == 2
+        co.close()
+    finally:
+        for key in ("ISAL_TEST_RECORD_URL", "ISAL_TEST_RECORD_KEY"):
+            os.environ.pop(key, None)
+        h.stop()
+
+
 def test_embedded_crash_is_retried_then_reported(tmp_path):
     h = Harness(str(tmp_path))
     try:

@@ -162,3 +162,10 @@ def test_project_credentials_env_first_then_setup_file(tmp_path):
     env = {"MODEL_DIR": str(tmp_path), "LABEL_STUDIO_URL": "http://other", "LABEL_STUDIO_API_KEY": "k"}
     s2 = Settings.from_env(env)
     assert project_credentials(s2, 5).api_key == "k" and project_credentials(s2, 5).url == "http://other"
+
+
+def test_embedded_threads_setting() -> None:
+    assert Settings.from_env({}).embedded_threads == 2
+    assert Settings.from_env({"ISAL_EMBEDDED_THREADS": "3"}).embedded_threads == 3
+    with pytest.raises(SettingsError, match="ISAL_EMBEDDED_THREADS"):
+        Settings.from_env({"ISAL_EMBEDDED_THREADS": "0"})

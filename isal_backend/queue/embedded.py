@@ -1,10 +1,11 @@
-"""In-process implementation of the coalescing queue (no REDIS_URL): one background thread.
+"""In-process implementation of the coalescing queue (no REDIS_URL): a few background threads.
 
 Same semantics as :mod:`isal_backend.queue.redis_queue`: per project and kind at most one job waits
 (new events are absorbed by it), a job that runs never blocks new events from creating the next
-waiting job, crashes are retried with backoff then reported. One thread runs every job, so at most one
-runs per project (and in the process). State is per process: run gunicorn with ``--workers 1`` (threads
-are fine) in this mode, as the Makefile does.
+waiting job, crashes are retried with backoff then reported. ``threads`` threads (``ISAL_EMBEDDED_THREADS``)
+take jobs, never two of one project at a time, so a project whose round is slow (images that drip in
+until their download deadline) does not hold back another project's round. State is per process: run
+gunicorn with ``--workers 1`` (threads are fine) in this mode, as the Makefile does.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class EmbeddedCoalescer:
         retries: int = 3,
         backoff: tuple[int, ...] = (10, 60, 300),
         reconcile: Settings | None = None,
+        threads: int = 2,
     ) -> None:
         """``reconcile``: the settings to reconcile projects with (a thread checks them every
         ``reconcile_seconds``; see :mod:`isal_backend.queue.reconcile`), or None for no reconciliation."""
@@ -63,11 +65,12 @@ class EmbeddedCoalescer:
         self._lock = threading.Condition()
         self._items: list[_Item] = []
         self._projects: dict[int, _Project] = {}
-        self._thread: threading.Thread | None = None
+        self.threads = max(1, int(threads))
+        self._workers: list[threading.Thread] = []
         self._reconcile_settings = reconcile if reconcile is not None and reconcile.reconcile_seconds > 0 else None
         self._reconcile_thread: threading.Thread | None = None
         self._closed = False
-        self._in_hand = 0  # items taken off the list whose _run has not finished (idle() must count them)
+        self._taken: set[int] = set()  # projects whose job a thread took off the list and has not finished
         self.jobs = dict.fromkeys((Outcome.SUCCEEDED, Outcome.FAILED, Outcome.RETRYING, Outcome.SUPERSEDED), 0)
 
     @classmethod
@@ -78,6 +81,7 @@ class EmbeddedCoalescer:
             retries=settings.job_retries,
             backoff=settings.retry_backoff,
             reconcile=settings,
+            threads=settings.embedded_threads,
         )
 
     def submit(self, kind: str, project_id: int, task_ids: list[int] | None = None) -> Submission:
@@ -107,9 +111,12 @@ class EmbeddedCoalescer:
     def _ensure_thread(self) -> None:
         if self._closed:
             return
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._loop, daemon=True, name="isal-embedded-worker")
-            self._thread.start()
+        self._workers = [t for t in self._workers if t.is_alive()]
+        while len(self._workers) < self.threads:
+            thread = threading.Thread(target=self._loop, daemon=True,
+                                      name=f"isal-embedded-worker-{len(self._workers) + 1}")
+            thread.start()
+            self._workers.append(thread)
         if self._reconcile_settings is not None and (
                 self._reconcile_thread is None or not self._reconcile_thread.is_alive()):
             self._reconcile_thread = threading.Thread(target=self._reconcile_loop, daemon=True,
@@ -142,13 +149,13 @@ class EmbeddedCoalescer:
         with self._lock:
             while not self._closed:
                 now = time.monotonic()
-                ready = [i for i in self._items if i.not_before <= now]
+                ready = [i for i in self._items if i.not_before <= now and i.project_id not in self._taken]
                 if ready:
                     self._items.remove(ready[0])
-                    self._in_hand += 1
+                    self._taken.add(ready[0].project_id)
                     return ready[0]
-                wait = min((i.not_before - now for i in self._items), default=None)
-                self._lock.wait(timeout=wait)
+                later = [i.not_before - now for i in self._items if i.not_before > now]
+                self._lock.wait(timeout=min(later, default=None))  # a finished job notifies too
             return None
 
     def _loop(self) -> None:
@@ -159,7 +166,8 @@ class EmbeddedCoalescer:
                 logger.exception("embedded worker: unexpected error around job %s", item.job_id)
             finally:
                 with self._lock:
-                    self._in_hand -= 1
+                    self._taken.discard(item.project_id)
+                    self._lock.notify_all()  # the project's next job may run now
 
     def _run(self, item: _Item) -> None:
         with self._lock:
@@ -227,12 +235,13 @@ class EmbeddedCoalescer:
             queued = len(self._items)
             running = sum(1 for p in self._projects.values() if p.running)
             jobs = {"queued": queued, "started": running, **{str(k): v for k, v in self.jobs.items()}}
-        return {"mode": "embedded", "queue": "embedded", "queue_depth": queued, "jobs": jobs, "projects": projects}
+        return {"mode": "embedded", "queue": "embedded", "threads": self.threads, "queue_depth": queued,
+                "jobs": jobs, "projects": projects}
 
     def idle(self) -> bool:
         """No job queued or running (tests and shutdown use it)."""
         with self._lock:
-            return not self._items and not self._in_hand and not any(p.running for p in self._projects.values())
+            return not self._items and not self._taken and not any(p.running for p in self._projects.values())
 
     def close(self) -> None:
         with self._lock:
