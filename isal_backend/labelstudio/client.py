@@ -41,6 +41,10 @@ UNCERTAINTY_SAMPLING = "Uncertainty sampling"
 #: write lock throughout (measured on 1.23.2, 2 cores: 100 predictions 1.0-1.3 s, 1,000 13-16 s, and /next
 #: answered 500 "database is locked" during the latter).
 DELETE_BATCH = 100
+#: Seconds between two clean-up calls. Back to back, they starve Label Studio's own writers (SQLite has no
+#: queue: a /next waiting for the lock retries with growing sleeps and loses it to the next delete each time;
+#: measured: /next blocked up to 13 s, or 500, while no single call took over 0.8 s).
+DELETE_PAUSE_S = 0.3
 DEFAULT_MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 
 
@@ -93,8 +97,12 @@ class CleanUpReport:
     seconds: float = 0.0
     longest_call_seconds: float = 0.0
     stopped: bool = False
+    #: Seconds waited before every call but the first (see DELETE_PAUSE_S).
+    pause: float = 0.0
 
     def timed(self, call: Callable[[], T]) -> T:
+        if self.calls and self.pause:
+            time.sleep(self.pause)
         start = time.perf_counter()
         try:
             return call()
@@ -287,7 +295,8 @@ class LabelStudioClient:
         return deleted
 
     def delete_old_predictions(self, project_id: int, keep: str, spare: Collection[str] = (),
-                               batch: int = DELETE_BATCH, stop: Callable[[], bool] | None = None) -> CleanUpReport:
+                               batch: int = DELETE_BATCH, stop: Callable[[], bool] | None = None,
+                               pause: float = DELETE_PAUSE_S) -> CleanUpReport:
         """Delete the predictions of every model version but ``keep`` and ``spare``, oldest version first, in
         calls that each delete at most about ``batch`` predictions, so Label Studio's database is never held
         for long; ``stop`` is asked before each call (True: leave the rest for later).
@@ -296,15 +305,16 @@ class LabelStudioClient:
         A larger one (new tasks scored into the current round make a version grow) goes by tasks: the Data
         Manager action ``delete_tasks_predictions`` on up to ``batch`` tasks that hold no prediction to keep
         (it deletes every prediction of a task), then ``DELETE /api/predictions/<id>/`` for its predictions on
-        tasks that do (one call each, about 0.1 s, 10x slower per prediction). Refuses when ``keep`` has no
-        predictions, since deleting the rest would leave the stream unordered.
+        tasks that do (one call each, about 0.1 s, 10x slower per prediction). ``pause`` seconds pass between
+        calls, so Label Studio's own writes (an annotator's /next) get the database in between. Refuses when
+        ``keep`` has no predictions, since deleting the rest would leave the stream unordered.
         """
         versions = self.model_versions(project_id)
         if keep not in versions:
             raise LabelStudioError(f"refusing to delete predictions of project {project_id}: the version to keep, "
                                    f"{keep!r}, has no predictions (versions: {sorted(versions)})")
         kept = {keep, *spare}
-        report = CleanUpReport()
+        report = CleanUpReport(pause=max(0.0, pause))
         listed: list[dict[str, Any]] | None = None
         for version in sorted(v for v in versions if v not in kept):
             if stop is not None and stop():

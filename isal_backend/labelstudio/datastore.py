@@ -91,6 +91,7 @@ class LabelStudioDatastore:
             later = self.client.delete_old_predictions(self.project_id, keep, stop=stop)
             report = CleanUpReport(report.deleted + later.deleted, report.calls + later.calls,
                                    round(report.seconds + later.seconds, 4),
-                                   max(report.longest_call_seconds, later.longest_call_seconds), later.stopped)
+                                   max(report.longest_call_seconds, later.longest_call_seconds), later.stopped,
+                                   later.pause)
         self.last_clean_up = report
         return report.deleted
