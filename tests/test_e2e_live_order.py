@@ -134,6 +134,9 @@ def test_rounds_keep_two_rounds_of_predictions_and_the_stream_its_order(stack: S
         # this round's and at most the previous one's (left when a newer round waited, as in the burst)
         assert len(held) <= report["written"] + previous_written <= 2 * WRITE_CAP, (step, len(held), report)
         previous_written = report["written"]
+        cleaned = requests.get(f"{stack.backend.url}/status/{project}", timeout=30).json()["last_round"].get("clean_up")
+        print(f"\nround {step}: labeled {labeled}, write_size {report['write_size']} ({report['write_size_reason']}), "
+              f"held {len(held)}, clean-up {cleaned}")
         assert report["round_id"] in {p["model_version"] for p in held}
         assert len({p["model_version"] for p in held}) <= 2
 
