@@ -27,8 +27,8 @@ HISTORY_FILE = "history.jsonl"
 #: Report fields a history line keeps (the bulky lists are counted instead).
 SUMMARY_FIELDS = (
     "round_id", "model_version", "kind", "strategy", "order", "cold_start_reason", "labeled", "unlabeled",
-    "written", "validation_accuracy", "validation_map50", "reference_size", "fetched_at", "newest_annotation_at",
-    "finished_at", "seconds",
+    "written", "write_size", "validation_accuracy", "validation_map50", "reference_size", "fetched_at",
+    "newest_annotation_at", "finished_at", "seconds",
 )
 #: The round's steps, in the order the round runs them (the keys of a report's ``timings``, ``_seconds`` cut).
 STEPS = ("fetch", "features", "fit", "s_test", "score", "write_back")

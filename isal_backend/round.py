@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from isal_backend.datastore import Datastore
+from isal_backend.history import HistoryReader
 from isal_backend.labelstudio.config import parse_project_config
 from isal_backend.labelstudio.convert import describe_result, rank_scores
 from isal_backend.settings import Settings
@@ -52,6 +53,39 @@ COLD_START_ORDERS = {"coreset": "core-set diversity", "typical": "typical-first 
                      "random": "random"}
 #: Tasks at the head of the stream the report describes, with thumbnails (the dashboard's "next tasks").
 STREAM_HEAD = 12
+
+
+#: Predictions a round writes per label it expects before the next round's order is served (the next round
+#: needs about one interval to run, annotators with Uncertainty sampling spread over the first few, skips).
+WRITE_HEADROOM = 4
+#: Recent round intervals the label rate is read from.
+RATE_WINDOW = 3
+
+
+def adaptive_write_size(history: Sequence[Mapping[str, Any]], labeled_now: int, minimum: int, cap: int
+                        ) -> tuple[int, str]:
+    """How many predictions a round writes: the tasks annotators can reach before the next round, no more.
+
+    Every write costs Label Studio (an import, and later a delete that holds SQLite's write lock), and
+    tasks past the written ones are served at random anyway once the next round's order replaces this
+    one. So: ``WRITE_HEADROOM`` x the most labels gained in one round interval lately (the last
+    :data:`RATE_WINDOW` intervals of the history, the one ending now included: labels per interval is
+    the annotation rate times the round duration), clamped to [``minimum``, ``cap``]. The largest recent
+    interval, not the mean: writing too few leaves annotators an unordered stream, too many only costs time.
+    ``history``: the project's round summaries, oldest first (``labeled`` each); ``cap`` 0: no cap.
+    """
+    counts = [int(e["labeled"]) for e in history if isinstance(e.get("labeled"), int)] + [int(labeled_now)]
+    gains = [max(0, b - a) for a, b in zip(counts, counts[1:], strict=False)][-RATE_WINDOW:]
+    per_interval = max(gains, default=0)
+    wanted = WRITE_HEADROOM * per_interval
+    size = max(minimum, wanted)
+    if cap:
+        size = min(size, cap)
+    basis = (f"{per_interval} labels in the busiest of the last {len(gains)} round intervals" if gains
+             else "no earlier round")
+    bound = ("ISAL_WRITE_MIN" if size == minimum and wanted <= minimum
+             else "ISAL_WRITE_TOP_M" if cap and size == cap and wanted >= cap else f"{WRITE_HEADROOM} x that")
+    return size, f"{basis}; {bound}"
 
 
 def new_round_id() -> str:
@@ -100,19 +134,21 @@ class Round:
     """One project's round over ``datastore``; construct, then :meth:`run`.
 
     ``parts`` carries what the task kinds keep between rounds (feature caches, shards); by default the
-    project's own folders in ``store``. ``on_committed`` runs after the commit (the job passes the
-    clean-up policy, the benchmark nothing).
+    project's own folders in ``store``. ``write_size``: predictions written (0: every task); by default
+    :func:`adaptive_write_size` from the project's history, or every task when ISAL_WRITE_TOP_M is 0 (the
+    benchmark passes its budget). ``clean_up`` runs after the commit (the job passes the clean-up policy,
+    the benchmark nothing).
     """
 
     def __init__(self, project_id: int, datastore: Datastore, store: ModelStore, settings: Settings,
                  parts: TaskParts | None = None, write_size: int | None = None,
-                 clean_up: Callable[[str], bool] | None = None) -> None:
+                 clean_up: Callable[[str], Any] | None = None) -> None:
         self.project_id = int(project_id)
         self.datastore = datastore
         self.store = store
         self.settings = settings
         self.parts = parts or TaskParts(settings, self.project_id, store.project_dir(self.project_id))
-        self.write_size = write_size if write_size is not None else settings.write_top_m
+        self.write_size = write_size
         self.clean_up = clean_up
 
     def task(self) -> Task:
@@ -128,6 +164,13 @@ class Round:
             fetched_at = datetime.now(UTC).isoformat()
             tasks = self.datastore.tasks()
             split = task.split(tasks)
+        if not tasks:
+            # Nothing to order (a project connected before its import): commit nothing, so the import's
+            # TASKS_CREATED still finds no round and starts the cold-start one.
+            log.info("project %s: no tasks yet; round %s commits nothing", self.project_id, round_id)
+            return {"round_id": round_id, "project": self.project_id, "kind": task.kind, "labeled": 0,
+                    "unlabeled": 0, "written": 0, "committed": False, "reason": "the project has no tasks yet",
+                    "fetched_at": fetched_at, "seconds": timer.total()}
         stored = self.store.load(self.project_id)
         previous = task.load(stored) if stored is not None else None
         with timer("features"):
@@ -160,7 +203,9 @@ class Round:
                     report.update(info)
                 except NotEnoughLabels as exc:
                     strategy, report["cold_start_reason"] = make_strategy(self.settings.cold_start), str(exc)
-        count = inputs.pool_size if self.write_size == 0 else min(self.write_size, inputs.pool_size)
+        size, report["write_size_reason"] = self.chosen_write_size(len(inputs.labeled_ids))
+        report["write_size"] = size
+        count = inputs.pool_size if size == 0 else min(size, inputs.pool_size)
         with timer("score"):
             view = task.view(model, inputs)
             ordered = self.order(strategy, view, count, seed, cold="cold_start_reason" in report)
@@ -202,8 +247,19 @@ class Round:
                  round_id, task.kind, report["labeled"], report["tasks_scored"], written, report["order"],
                  report["seconds"])
         if self.clean_up is not None and written:
-            self.clean_up(round_id)
+            cleaned = self.clean_up(round_id)
+            if isinstance(cleaned, dict):  # after the commit: in the status report, not the stored one
+                report["clean_up"] = cleaned
         return report
+
+    def chosen_write_size(self, labeled: int) -> tuple[int, str]:
+        """(predictions to write, 0 for every task; why)."""
+        if self.write_size is not None:
+            return self.write_size, "given by the caller"
+        if self.settings.write_top_m == 0:
+            return 0, "ISAL_WRITE_TOP_M=0: every task"
+        history = HistoryReader().read(self.store.project_dir(self.project_id))
+        return adaptive_write_size(history, labeled, self.settings.write_min, self.settings.write_top_m)
 
     @staticmethod
     def stream_head(task: Task, tasks: list[dict[str, Any]], predictions: list[dict[str, Any]],

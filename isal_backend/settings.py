@@ -60,6 +60,8 @@ class Settings:
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = field(default=None, repr=False)
     write_top_m: int = 1000
+    #: The fewest predictions a round writes, whatever the annotation rate (the adaptive size's floor).
+    write_min: int = 50
     backbone: str = "efficientnet-lite0"
     #: Input size of the classification backbone; None = its native size (128 px for EfficientNet-Lite0).
     image_size: int | None = None
@@ -165,6 +167,11 @@ class Settings:
                 f"{missing} is not set but {'BASIC_AUTH_USER' if password is None else 'BASIC_AUTH_PASS'} is: "
                 "set both BASIC_AUTH_USER and BASIC_AUTH_PASS to enable basic auth, or neither to disable it"
             )
+        write_top_m = r.integer("ISAL_WRITE_TOP_M", 1000, minimum=0, hint="0 writes every task")
+        write_min = r.integer("ISAL_WRITE_MIN", 50, minimum=1, hint="predictions a round writes at least")
+        if write_top_m and write_min > write_top_m:
+            raise SettingsError(f"ISAL_WRITE_MIN={write_min} is above ISAL_WRITE_TOP_M={write_top_m}: the floor of "
+                                "the predictions a round writes cannot exceed their cap; lower ISAL_WRITE_MIN")
         ls_url = r.http_url("LABEL_STUDIO_URL")
         ls_key = r.optional_str("LABEL_STUDIO_API_KEY", secret=True)
         return cls(
@@ -174,7 +181,8 @@ class Settings:
             model_dir=Path(r.optional_str("MODEL_DIR") or "./models"),
             basic_auth_user=user,
             basic_auth_pass=password,
-            write_top_m=r.integer("ISAL_WRITE_TOP_M", 1000, minimum=0, hint="0 writes every task"),
+            write_top_m=write_top_m,
+            write_min=write_min,
             backbone=r.choice("ISAL_BACKBONE", "efficientnet-lite0", KNOWN_BACKBONES),
             image_size=r.optional_integer("ISAL_IMAGE_SIZE", minimum=16,
                                           hint="pixels; unset: the backbone's native size"),

@@ -105,6 +105,11 @@ def noop_scoring(project_id: int, task_ids: list[int]) -> None:
     """For server tests that only need a job target that exists."""
 
 
+def slow_noop_round(project_id: int) -> None:
+    """A round that takes a second and does nothing (server tests of what a running round changes)."""
+    time.sleep(1.0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Harness shared by the queue tests: real Redis, real gunicorn and RQ worker subprocesses.
 

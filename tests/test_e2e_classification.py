@@ -66,6 +66,7 @@ class Stack:
         self.env = backend_env(self.model_dir, "redis://127.0.0.1:6379/0", {
             # No LABEL_STUDIO_URL/_API_KEY: host and token come from /setup, verified with Label Studio
             "ISAL_WRITE_TOP_M": str(TOP_M),
+            "ISAL_WRITE_MIN": str(TOP_M),  # every round writes exactly the top M (the adaptive size's floor)
             "ISAL_REDIS_PREFIX": prefix,
             "RQ_QUEUE": prefix,
             "ISAL_RETRY_BACKOFF": "2,5,10",
@@ -178,9 +179,8 @@ def test_the_labeling_stream_follows_isal_end_to_end(stack: Stack) -> None:
     ml = stack.api("POST", "/api/ml", json={"url": stack.backend.url, "project": project, "title": "isal"})
     assert ml["id"]
 
-    # Cold start: no annotation yet, so "Start training" orders the stream for diversity (core-set), and the
-    # first round's images are featurized in shards shared by the two workers.
-    stack.api("POST", f"/api/ml/{ml['id']}/train", json={})
+    # Cold start: connecting (/setup) starts the first round before any annotation; it orders the stream for
+    # diversity (core-set), and its images are featurized in shards shared by the two workers.
     cold = wait_for_round(stack, project, lambda r: r.get("labeled") == 0)
     assert cold["order"].startswith("cold-start"), cold["order"]
     assert cold["written"] == TOP_M and cold["unlabeled"] == len(images)

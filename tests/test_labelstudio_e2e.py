@@ -250,6 +250,34 @@ def test_predictions_order_the_labeling_stream(client: LabelStudioClient, api: A
     assert served == ranked
 
 
+def test_old_predictions_are_deleted_in_bounded_calls(client: LabelStudioClient, api: Api) -> None:
+    """Issue 9 item 2b: no call deletes more than ``batch`` predictions, the kept versions stay whole, the
+    served one is never touched, and ``stop`` leaves the rest for later."""
+    pid = api.project("bounded clean-up")
+    api("POST", f"/api/projects/{pid}/import", 201, json=[{"image": _data_url(COLORS[i % 6])} for i in range(10)])
+    t = api.task_ids(pid)
+    config = parse_label_config(LABEL_CONFIG)
+    assert client.import_predictions(pid, build_predictions(config, "isal-1", [(i, "cat") for i in t])) == 10
+    assert client.import_predictions(pid, build_predictions(config, "isal-2", [(i, "dog") for i in t[:2]])) == 2
+    assert client.import_predictions(pid, build_predictions(config, "isal-3", [(i, "dog") for i in t[:5]])) == 5
+    client.set_ordering(pid, "isal-3")
+
+    assert client.delete_old_predictions(pid, "isal-3", spare=["isal-2"], stop=lambda: True).deleted == 0
+    # isal-1 (10 > batch 3): its 5 tasks holding no kept prediction in 2 Data Manager calls (3 + 2 tasks), its 5
+    # predictions on tasks that also hold isal-2's or isal-3's one by one
+    report = client.delete_old_predictions(pid, "isal-3", spare=["isal-2"], batch=3)
+    assert (report.deleted, report.calls, report.stopped) == (10, 7, False)
+    assert client.model_versions(pid) == {"isal-2": 2, "isal-3": 5}
+    report = client.delete_old_predictions(pid, "isal-3", batch=3)  # 2 <= batch: one model-versions call
+    assert (report.deleted, report.calls) == (2, 1)
+    assert client.model_versions(pid) == {"isal-3": 5}
+    assert client.get_project(pid)["model_version"] == "isal-3"
+    served = api("GET", f"/api/projects/{pid}/next")
+    assert [p["model_version"] for p in served["predictions"]] == ["isal-3"]
+    with pytest.raises(LabelStudioError, match="refusing"):
+        client.delete_old_predictions(pid, "isal-9")
+
+
 def test_dropped_predictions_are_detected(client: LabelStudioClient, api: Api) -> None:
     pid = api.project("dropped")
     api("POST", f"/api/projects/{pid}/import", 201, json=[{"image": _data_url(c)} for c in COLORS[:3]])

@@ -53,7 +53,8 @@ class Project:
 
 
 def settings(tmp_path: Path, **extra: Any) -> Settings:
-    return Settings(model_dir=tmp_path, backbone="small-cnn", feature_dim=16, **extra)
+    """Every open task written (ISAL_WRITE_TOP_M=0): these tests check the whole order, not its size."""
+    return Settings(model_dir=tmp_path, backbone="small-cnn", feature_dim=16, **{"write_top_m": 0, **extra})
 
 
 def test_cold_start_then_isal_with_every_kind_of_task(tmp_path: Path) -> None:

@@ -168,3 +168,38 @@ def test_a_label_studio_that_answers_after_setup_returned_is_verified_in_the_bac
         assert canary.requests[0]["authorization"] == "Token slow-token"
     finally:
         canary.close()
+
+
+def _wait_idle(app: Any, timeout_s: float = 10.0) -> None:
+    coalescer = app.config["ISAL_STATE"].coalescer
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not coalescer.idle():
+        time.sleep(0.05)
+    assert coalescer.idle()
+
+
+def test_setup_starts_the_cold_start_round_only_while_the_project_has_none(tmp_path):
+    """Issue 9: connecting orders the stream before any annotation, without a round on every /setup call."""
+    application = create_app(Settings(model_dir=tmp_path, label_studio_url="http://127.0.0.1:9",
+                                      label_studio_api_key="k" * 40, round_job="tests.jobs_for_tests.slow_noop_round",
+                                      score_job="tests.jobs_for_tests.noop_scoring", reconcile_seconds=0))
+    try:
+        client = application.test_client()
+
+        def setup() -> dict[str, Any]:
+            r = client.post("/setup", json={"project": "3.1795802474", "schema": CONFIG})
+            assert r.status_code == 200, r.get_json()
+            return r.get_json()
+
+        first = setup()
+        assert first["credentials"] == "environment" and first["round"]["state"] == "enqueued"
+        assert first["round"]["job_id"].startswith("round-3-")
+        assert "round" not in setup()  # the round runs or waits: Label Studio's next /setup adds none
+        _wait_idle(application)
+        (tmp_path / "projects" / "3" / "CURRENT").write_text("isal-20260101T000000000000-abcdef\n")
+        assert "round" not in setup()  # a model exists
+        (tmp_path / "projects" / "3" / "CURRENT").unlink()
+        assert setup()["round"]["state"] == "enqueued"  # no model and none under way: again
+        _wait_idle(application)
+    finally:
+        application.config["ISAL_STATE"].close()

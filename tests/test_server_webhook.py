@@ -18,7 +18,7 @@ EXPECTED = {  # action -> (HTTP status, job kinds enqueued)
     "ANNOTATION_UPDATED": (201, ["round"]),
     "ANNOTATIONS_DELETED": (201, ["round"]),
     "START_TRAINING": (201, ["round"]),
-    "TASKS_CREATED": (201, ["score"]),
+    "TASKS_CREATED": (201, ["round"]),  # no round yet: the cold-start round orders the import
     "PROJECT_UPDATED": (200, []),
 }
 
@@ -59,11 +59,30 @@ def test_second_event_is_absorbed_by_the_waiting_job(client):
         assert second["job_id"] == first["job_id"]
 
 
+def _committed_round(client, project: int = 1) -> None:
+    """What the model store holds once a round was committed (the server reads only ``CURRENT``)."""
+    folder = client.application.config["ISAL_STATE"].settings.model_dir / "projects" / str(project)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "CURRENT").write_text("isal-20260101T000000000000-abcdef\n")
+
+
 def test_tasks_imported_with_annotations_also_retrain(client):
+    _committed_round(client)
     body = sample("TASKS_CREATED")
     body["tasks"][0]["total_annotations"] = 1
     data = client.post("/webhook", json=body).get_json()
     assert sorted(j["kind"] for j in data["jobs"]) == ["round", "score"]
+
+
+def test_imported_tasks_are_scored_once_a_round_exists_and_start_the_first_round_before(client):
+    before = client.post("/webhook", json=sample("TASKS_CREATED")).get_json()
+    assert [j["kind"] for j in before["jobs"]] == ["round"]  # nothing to score against: order them cold
+    labeled = sample("TASKS_CREATED")
+    labeled["tasks"][0]["total_annotations"] = 1
+    assert [j["kind"] for j in client.post("/webhook", json=labeled).get_json()["jobs"]] == ["round"]
+    _committed_round(client)
+    after = client.post("/webhook", json=sample("TASKS_CREATED")).get_json()
+    assert [j["kind"] for j in after["jobs"]] == ["score"]  # today's behaviour: no retrain for new tasks
 
 
 def _mutate(name: str, fn) -> dict:

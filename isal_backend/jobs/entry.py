@@ -67,25 +67,30 @@ def task_parts(settings: Settings, store: ModelStore, project_id: int) -> TaskPa
     return parts
 
 
-def clean_up_policy(settings: Settings, datastore: LabelStudioDatastore) -> Callable[[str], bool]:
-    """After a round: delete older rounds' predictions, unless a newer round waits to do it."""
+def clean_up_policy(settings: Settings, datastore: LabelStudioDatastore) -> Callable[[str], dict[str, Any] | None]:
+    """After a round: delete older rounds' predictions in calls of at most about 100 predictions each (one
+    big delete holds SQLite's write lock for seconds, under annotators asking for their next task).
 
-    def clean_up(round_id: str) -> bool:
+    When a newer round waits for this worker, the previous round's predictions are left to it (the
+    sooner the next order is served, the better), but older ones go regardless: never more than two
+    rounds' predictions pile up. Returns what was done, for the status report.
+    """
+
+    def clean_up(round_id: str) -> dict[str, Any] | None:
         if not settings.delete_old_predictions:
-            return False
+            return None
         job = current_job()
-        if job is not None and job.superseded():
-            # A newer round waits for this worker: it deletes every older version, this one included, when
-            # the annotators pause. Deleting now would delay the next order by seconds (and, on SQLite, lock
-            # Label Studio's database under annotators asking for their next task).
-            log.info("project %s: a newer round waits; old predictions are left to it", datastore.project_id)
-            return False
+        stop = job.superseded if job is not None else None
         try:
-            datastore.clean_up(round_id)
+            datastore.clean_up(round_id, stop=stop)
         except Exception as exc:  # noqa: BLE001 - the new order is already served; stale rows only cost space
             log.warning("project %s: deleting older rounds' predictions failed: %s", datastore.project_id, exc)
-            return False
-        return True
+            return {"error": str(exc)[:300]}
+        done = datastore.last_clean_up
+        if done is not None and done.stopped:
+            log.info("project %s: a newer round waits; the previous round's predictions are left to it",
+                     datastore.project_id)
+        return done.as_dict() if done is not None else None
 
     return clean_up
 

@@ -6,12 +6,19 @@ since the last one (see :func:`~isal_backend.labelstudio.mirror.sync`); without 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from isal_backend.labelstudio.client import LabelStudioClient
+from isal_backend.labelstudio.client import CleanUpReport, LabelStudioClient
 from isal_backend.labelstudio.failures import FailedDownloads
 from isal_backend.labelstudio.mirror import TaskMirror, normalize, sync
+
+
+def previous_version(versions: Iterable[str], current: str) -> str | None:
+    """The newest version before ``current`` of the same kind (round ids sort by time: ``isal-<UTC time>-...``)."""
+    prefix = current.split("-", 1)[0] + "-" if "-" in current else current
+    older = [v for v in versions if v != current and v.startswith(prefix) and v < current]
+    return max(older, default=None)
 
 
 class LabelStudioDatastore:
@@ -27,6 +34,7 @@ class LabelStudioDatastore:
         self.resync_seconds = resync_seconds
         self._project: dict[str, Any] | None = None
         self._fetch_report: dict[str, Any] = {}
+        self.last_clean_up: CleanUpReport | None = None
 
     def __repr__(self) -> str:
         return f"LabelStudioDatastore({self.client!r}, project={self.project_id})"
@@ -69,5 +77,21 @@ class LabelStudioDatastore:
     def add(self, predictions: Sequence[Mapping[str, Any]]) -> int:
         return self.client.import_predictions(self.project_id, predictions) if predictions else 0
 
-    def clean_up(self, keep: str) -> int:
-        return self.client.delete_predictions(self.project_id, keep)
+    def clean_up(self, keep: str, stop: Callable[[], bool] | None = None) -> int:
+        """Delete older rounds' predictions in bounded calls, keeping ``keep``'s.
+
+        The version before ``keep`` goes last and only while ``stop`` says no (a newer round waits: it
+        deletes it then); every older one goes regardless, so at most two rounds' predictions stay.
+        The report of what was done is :attr:`last_clean_up`.
+        """
+        versions = self.client.model_versions(self.project_id)
+        previous = previous_version(versions, keep)
+        report = self.client.delete_old_predictions(self.project_id, keep, spare=[previous] if previous else [])
+        if previous is not None:
+            later = self.client.delete_old_predictions(self.project_id, keep, stop=stop)
+            report = CleanUpReport(report.deleted + later.deleted, report.calls + later.calls,
+                                   round(report.seconds + later.seconds, 4),
+                                   max(report.longest_call_seconds, later.longest_call_seconds), later.stopped,
+                                   later.pause)
+        self.last_clean_up = report
+        return report.deleted

@@ -27,7 +27,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from isal_backend.labelstudio.client import LabelStudioAPIError, LabelStudioUnavailable
 from isal_backend.labelstudio.config import LabelConfigError, parse_project_config
 from isal_backend.labelstudio.mirror import request_resync
-from isal_backend.queue import ROUND, SCORE, Coalescer, make_coalescer
+from isal_backend.queue import ROUND, SCORE, Coalescer, Submission, make_coalescer
 from isal_backend.server.dashboard import ROUTES as DASHBOARD_ROUTES
 from isal_backend.server.durable import JOURNALED, DurableSubmitter
 from isal_backend.server.ls_link import ProjectLinks, SetupRefused
@@ -183,14 +183,47 @@ def _project_id(value: Any) -> int:
                         f"{shown(value, 64)}")
 
 
-def _model_version(project_id: int | None) -> str:
+def _last_round(project_id: int | None) -> dict[str, Any]:
+    """The project's last round report in the status store ({} when none or unreadable)."""
     try:
         rounds = last_rounds(_state().settings)
     except Exception:  # noqa: BLE001 - a status read problem must not fail /setup or /predict
         logger.warning("cannot read round status", exc_info=True)
-        return INITIAL_VERSION
-    report = rounds.get(project_id) if project_id is not None else None
-    return str((report or {}).get("model_version") or INITIAL_VERSION)
+        return {}
+    return (rounds.get(project_id) if project_id is not None else None) or {}
+
+
+def _model_version(project_id: int | None) -> str:
+    return str(_last_round(project_id).get("model_version") or INITIAL_VERSION)
+
+
+def has_round(settings: Settings, project_id: int) -> bool:
+    """Whether a round was ever committed for the project (the model store's ``CURRENT``; read without
+    :mod:`isal_backend.store`, which imports torch)."""
+    return (settings.model_dir / "projects" / str(int(project_id)) / "CURRENT").is_file()
+
+
+def _round_queued(state: AppState, project_id: int) -> bool:
+    """A round of the project runs or waits (a queue that cannot tell counts as none: the coalescer absorbs)."""
+    try:
+        fields = state.coalescer.snapshot()["projects"].get(project_id, {})
+    except Exception:  # noqa: BLE001 - Redis down: the submitter journals the event
+        return False
+    return bool(fields.get(f"pend_{ROUND}")) or str(fields.get("run_id") or "").startswith(f"{ROUND}-")
+
+
+def first_round(state: AppState, project_id: int, action: str) -> Submission | None:
+    """Start the cold-start round of a project that has none yet, so the first task Label Studio serves is
+    the cold-start order's first and not the lowest task id; None when a round exists, runs or waits.
+
+    Label Studio calls /setup often (every /predict, the settings page): once a round exists, or one is
+    under way, nothing more is queued."""
+    if has_round(state.settings, project_id) or _round_queued(state, project_id):
+        return None
+    if action == "/setup" and _last_round(project_id).get("committed") is False:
+        return None  # the last round found no task: the import's TASKS_CREATED starts the next one
+    logger.info("project %s: no round yet; %s starts the cold-start round", project_id, action)
+    return state.submitter.submit(ROUND, project_id, action=action)
 
 
 # -- routes -----------------------------------------------------------------------------------------
@@ -219,15 +252,21 @@ def setup() -> Response:
         raise ApiError(400, f"unsupported label config: {exc}") from None
     state = _state()
     try:
-        credentials = state.links.setup(project_id, body.get("hostname"), body.get("access_token"), request.host)
+        credentials = state.links.setup(project_id, body.get("hostname"), body.get("access_token"), request.host,
+                                        on_verified=lambda: first_round(state, project_id, "/setup"))
     except SetupRefused as exc:
         logger.warning("project %s: /setup refused: %s", project_id, exc)
         raise ApiError(exc.status, str(exc)) from None
     folder = state.settings.model_dir / "projects" / str(project_id)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "label_config.xml").write_text(schema)
-    return jsonify({"model_version": _model_version(project_id), "credentials": credentials.state,
-                    "message": credentials.message})
+    answer: dict[str, Any] = {"model_version": _model_version(project_id), "credentials": credentials.state,
+                              "message": credentials.message}
+    if credentials.state != "verifying":  # usable credentials: the round can read Label Studio
+        job = first_round(state, project_id, "/setup")
+        if job is not None:
+            answer["round"] = {"job_id": job.job_id, "state": job.state}
+    return jsonify(answer)
 
 
 def _predict_request(body: dict[str, Any]) -> tuple[int, list[dict[str, Any]], str]:
@@ -294,10 +333,15 @@ def webhook() -> tuple[Response, int]:
         jobs = []
         if action in FULL_RESYNC_ACTIONS:  # the user asked for a fresh look: the round rereads every task
             request_resync(state.settings.model_dir / "projects" / str(event.project_id))
-        if event.retrain:
+        if event.score_task_ids and not has_round(state.settings, event.project_id):
+            # Nothing to score new tasks against yet: the cold-start round orders them (and covers any labels).
             jobs.append(state.submitter.submit(ROUND, event.project_id, action=action))
-        if event.score_task_ids:
-            jobs.append(state.submitter.submit(SCORE, event.project_id, list(event.score_task_ids), action=action))
+        else:
+            if event.retrain:
+                jobs.append(state.submitter.submit(ROUND, event.project_id, action=action))
+            if event.score_task_ids:
+                jobs.append(state.submitter.submit(SCORE, event.project_id, list(event.score_task_ids),
+                                                   action=action))
         result = "+".join(j.state for j in jobs) or "ignored"
         body: dict[str, Any] = {"action": action, "project": event.project_id, "status": result}
         if any(j.state == JOURNALED for j in jobs):

@@ -151,8 +151,12 @@ class ProjectLinks:
             return self._executor
 
     # -- /setup --------------------------------------------------------------------------------------
-    def setup(self, project_id: int, hostname: Any, token: Any, backend_host: str) -> SetupCredentials:
-        """Decide what /setup's credentials become; raise SetupRefused for the answer when they are refused."""
+    def setup(self, project_id: int, hostname: Any, token: Any, backend_host: str,
+              on_verified: Callable[[], object] | None = None) -> SetupCredentials:
+        """Decide what /setup's credentials become; raise SetupRefused for the answer when they are refused.
+
+        ``on_verified`` runs once credentials that were still ``verifying`` when /setup answered are stored
+        (the caller acts itself on every other outcome)."""
         s = self.settings
         if s.label_studio_url is not None and s.label_studio_api_key is not None:
             self.schedule_webhook_auth(project_id, backend_host)
@@ -170,7 +174,7 @@ class ProjectLinks:
             logger.warning("project %s: Label Studio at %s did not confirm /setup's access token within %.0f s; "
                            "verifying in the background, nothing is stored until it accepts it", project_id, url,
                            SYNC_VERIFY_S)
-            future.add_done_callback(lambda f: self._after_background(f, project_id, url, backend_host))
+            future.add_done_callback(lambda f: self._after_background(f, project_id, url, backend_host, on_verified))
             return SetupCredentials("verifying", f"verifying the access token with {url}; stored once Label Studio "
                                                  "accepts it (see the server log)")
         self.schedule_webhook_auth(project_id, backend_host)
@@ -210,10 +214,16 @@ class ProjectLinks:
             if self._verifying.get(job) is future:
                 del self._verifying[job]
 
-    def _after_background(self, future: Future, project_id: int, url: str, backend_host: str) -> None:
+    def _after_background(self, future: Future, project_id: int, url: str, backend_host: str,
+                          on_verified: Callable[[], object] | None = None) -> None:
         exc = future.exception()
         if exc is None:
             self.schedule_webhook_auth(project_id, backend_host)
+            if on_verified is not None:
+                try:
+                    on_verified()
+                except Exception:  # noqa: BLE001 - logged; the next /setup tries again
+                    logger.exception("project %s: the step after verifying /setup's credentials failed", project_id)
         else:
             logger.error("project %s: /setup's credentials for %s were not stored: %s", project_id, url, exc)
 

@@ -1,0 +1,61 @@
+"""What a round deletes after it (issue 9, item 2b): never more than two rounds' predictions stay, and the
+previous round's go only while no newer round waits. The bounded calls themselves are tested against the real
+Label Studio in test_labelstudio_e2e.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+
+from isal_backend.labelstudio.client import CleanUpReport
+from isal_backend.labelstudio.datastore import LabelStudioDatastore, previous_version
+
+
+class FakeClient:
+    """model_versions and delete_old_predictions over a dict of {version: count}."""
+
+    def __init__(self, versions: dict[str, int]) -> None:
+        self.versions = dict(versions)
+
+    def model_versions(self, project_id: int) -> dict[str, int]:
+        return dict(self.versions)
+
+    def delete_old_predictions(self, project_id: int, keep: str, spare: Collection[str] = (), batch: int = 100,
+                               stop: Callable[[], bool] | None = None) -> CleanUpReport:
+        report = CleanUpReport()
+        for version in sorted(v for v in self.versions if v != keep and v not in spare):
+            if stop is not None and stop():
+                report.stopped = True
+                break
+            report.deleted += self.versions.pop(version)
+            report.calls += 1
+        return report
+
+
+def datastore(versions: dict[str, int]) -> LabelStudioDatastore:
+    return LabelStudioDatastore(FakeClient(versions), 1)  # type: ignore[arg-type]
+
+
+def test_the_previous_version_is_the_newest_older_round() -> None:
+    versions = ["isal-20260101T01", "isal-20260101T02", "isal-20260101T03", "initial", "someone-else"]
+    assert previous_version(versions, "isal-20260101T03") == "isal-20260101T02"
+    assert previous_version(versions, "isal-20260101T01") is None
+    assert previous_version(["isal-20260101T05"], "isal-20260101T04") is None  # newer is not previous
+
+
+def test_without_a_newer_round_every_older_version_goes() -> None:
+    store = datastore({"isal-1": 50, "isal-2": 50, "isal-3": 50, "other": 3})
+    assert store.clean_up("isal-3", stop=lambda: False) == 103
+    assert store.client.versions == {"isal-3": 50}
+    assert store.last_clean_up is not None and not store.last_clean_up.stopped
+
+
+def test_a_newer_round_waiting_leaves_only_the_previous_version() -> None:
+    store = datastore({"isal-1": 50, "isal-2": 50, "isal-3": 50, "isal-4": 60})
+    assert store.clean_up("isal-4", stop=lambda: True) == 100  # isal-1 and isal-2 go regardless
+    assert store.client.versions == {"isal-3": 50, "isal-4": 60}
+    assert store.last_clean_up.stopped
+    # the round that waited deletes everything older than its own predecessor
+    store.client.versions["isal-5"] = 60
+    store.clean_up("isal-5", stop=lambda: True)
+    assert store.client.versions == {"isal-4": 60, "isal-5": 60}
+
