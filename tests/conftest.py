@@ -79,8 +79,8 @@ def label_studio_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelS
     server = Postgres.from_env()
     try:
         name = server.create_database("isal_test")
-    except RuntimeError as exc:
-        pytest.fail(f"the PostgreSQL e2e tests need {server}: {exc}", pytrace=False)
+    except RuntimeError as exc:  # it names the server and the variables that set it
+        raise pytest.fail.Exception(f"the PostgreSQL e2e tests need their server: {exc}", pytrace=False) from None
     try:
         yield from _serve(tmp_path_factory.mktemp("label-studio-pg"), name)
     finally:
