@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--ls-venv", default=None, help="virtualenv with label-studio 1.23.2 (default $LS_VENV)")
     loop.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     loop.add_argument("--workers", type=int, default=1, help="RQ workers (they share the first featurization)")
+    loop.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite",
+                      help="Label Studio's database: its SQLite file, or a fresh PostgreSQL database on the server "
+                           "of PGHOST/PGPORT/PGUSER (default 127.0.0.1:5432, user postgres), dropped at the end")
     loop.add_argument("--env", action="append", metavar="NAME=VALUE",
                       help="a backend setting for this run (repeatable), e.g. --env ISAL_BACKBONE=small-cnn")
 

@@ -1,4 +1,8 @@
-"""Shared fixtures: a real Label Studio 1.23.2 server for the e2e tests (started once per session)."""
+"""Shared fixtures: real Label Studio 1.23.2 servers for the e2e tests (started once per session).
+
+``label_studio`` keeps its data in SQLite, ``label_studio_pg`` in a PostgreSQL database of its own on the local
+server (as Label Studio runs in production), created before it starts and dropped after, even on failure.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from isal_backend.bench.stack import REPO, start_label_studio
+from isal_backend.bench.stack import REPO, Postgres, start_label_studio
 
 
 @dataclass
@@ -22,6 +26,10 @@ class LabelStudioServer:
     token: str
     files_root: Path  # LOCAL_FILES_DOCUMENT_ROOT: local-files storages must point inside it
     log_path: Path
+    username: str = "admin@example.com"
+    password: str = field(default="", repr=False)  # the admin's, for a browser's login page
+    db_env: dict[str, str] = field(default_factory=dict, repr=False)  # data dir and database, for `label-studio shell`
+    database: str = "sqlite"
     _pat: str | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -43,15 +51,38 @@ class LabelStudioServer:
             return self._pat
 
 
-@pytest.fixture(scope="session")
-def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
-    """Start Label Studio as docs/label-studio.md says, on a fresh data dir and a free port; stop it at the end."""
+def _serve(base: Path, database: str | None = None) -> Iterator[LabelStudioServer]:
     ls_venv = Path(os.environ.get("LS_VENV") or REPO / ".ls-venv")
     try:
-        ls = start_label_studio(ls_venv, tmp_path_factory.mktemp("label-studio"))
+        ls = start_label_studio(ls_venv, base, database)
     except (FileNotFoundError, RuntimeError) as exc:
         pytest.fail(str(exc), pytrace=False)
     try:
-        yield LabelStudioServer(url=ls.url, token=ls.token, files_root=ls.files_root, log_path=ls.log_path)
+        yield LabelStudioServer(url=ls.url, token=ls.token, files_root=ls.files_root, log_path=ls.log_path,
+                                username=ls.username, password=ls.password, db_env=ls.db_env, database=ls.database)
     finally:
         ls.stop()
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
+    """Start Label Studio as docs/label-studio.md says, on a fresh data dir and a free port; stop it at the end."""
+    yield from _serve(tmp_path_factory.mktemp("label-studio"))
+
+
+@pytest.fixture(scope="session")
+def label_studio_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
+    """The same on PostgreSQL: a database for this session, dropped at the end whatever happened.
+
+    The server must be up (scripts/ensure-test-services starts it): if it is not, this fails, naming it.
+    """
+    server = Postgres.from_env()
+    try:
+        name = server.create_database("isal_test")
+    except RuntimeError as exc:  # it names the server and the variables that set it
+        raise pytest.fail.Exception(f"the PostgreSQL e2e tests need their server: {exc}", pytrace=False) from None
+    try:
+        yield from _serve(tmp_path_factory.mktemp("label-studio-pg"), name)
+    finally:
+        server.drop_database(name)
+

@@ -25,10 +25,10 @@ def test_every_environment_variable_is_in_the_readme_table() -> None:
     assert variables - internal - documented == set()
 
 
-def test_compose_file_runs_label_studio_redis_backend_and_worker() -> None:
+def test_compose_file_runs_label_studio_on_postgres_redis_backend_and_worker() -> None:
     compose = yaml.safe_load((REPO / "docker" / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"label-studio", "redis", "backend", "worker"}
+    assert set(services) == {"label-studio", "postgres", "redis", "backend", "worker"}
     backend, worker = services["backend"], services["worker"]
     assert backend["environment"] == worker["environment"]  # one settings block (YAML anchor)
     assert backend["environment"]["REDIS_URL"].startswith("redis://redis:")
@@ -37,6 +37,19 @@ def test_compose_file_runs_label_studio_redis_backend_and_worker() -> None:
     assert set(backend["environment"]) <= settings_variables()
     ls_env = services["label-studio"]["environment"]
     assert ls_env["ML_BLOCK_LOCAL_IP"] == "false" and ls_env["SSRF_PROTECTION_ENABLED"] == "false"
+
+    # Label Studio keeps its data in the postgres service's database, as its own compose file has it.
+    postgres = services["postgres"]
+    pg_env = postgres["environment"]
+    assert postgres["image"].startswith("postgres:")
+    assert ls_env["DJANGO_DB"] == "default" and ls_env["POSTGRE_HOST"] == "postgres"
+    assert str(ls_env["POSTGRE_PORT"]) == "5432"
+    assert (ls_env["POSTGRE_NAME"], ls_env["POSTGRE_USER"]) == (pg_env["POSTGRES_DB"], pg_env["POSTGRES_USER"])
+    assert ls_env["POSTGRE_PASSWORD"] == pg_env["POSTGRES_PASSWORD"] and "${" in pg_env["POSTGRES_PASSWORD"]
+    assert services["label-studio"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    volume = postgres["volumes"][0].split(":")
+    assert volume[1] == "/var/lib/postgresql/data" and volume[0] in compose["volumes"]
 
 
 def test_dockerfile_serves_the_wsgi_app_and_pins_torch() -> None:

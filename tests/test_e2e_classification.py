@@ -2,7 +2,8 @@
 
 An image-classification project with 210 real CIFAR-10 images (uploaded as files), the backend
 connected through ``POST /api/ml``, annotations made through the API as an annotator would; then the
-labeling stream must serve the round's most valuable task first and the rest in its order.
+labeling stream must serve the round's most valuable task first and the rest in its order. It runs
+twice: Label Studio on SQLite and on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import redis
 import requests
 
 from isal_backend.bench.datasets import CIFAR10_ARCHIVE
-from isal_backend.bench.stack import REPO, Service, backend_env, start_backend, start_worker
+from isal_backend.bench.stack import REPO, Postgres, Service, backend_env, start_backend, start_worker
 from isal_backend.store import ModelStore
 from tests.datafiles import data_file
+from tests.servers import DATABASES, label_studio_on
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
@@ -102,9 +104,10 @@ class Stack:
                          for p in sorted(self.tmp.glob("*.log")))
 
 
-@pytest.fixture(scope="module")
-def stack(label_studio: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(label_studio, tmp_path_factory.mktemp("e2e"))
+@pytest.fixture(scope="module", params=DATABASES)
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The stack against Label Studio on SQLite, then on PostgreSQL (as it runs in production)."""
+    s = Stack(label_studio_on(request, request.param), tmp_path_factory.mktemp(f"e2e-{request.param}"))
     s.start()
     try:
         yield s
@@ -146,8 +149,8 @@ def create_annotator(ls: Any, email: str) -> str:
         "print('ANNOTATOR-CREATED')",
         "",
     ])
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "DJANGO_"))}
-    env["LABEL_STUDIO_BASE_DATA_DIR"] = str(ls.files_root.parent / "data")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "DJANGO_", "POSTGRE_"))}
+    env.update(ls.db_env)  # its data dir and database (SQLite or PostgreSQL)
     exe = Path(os.environ.get("LS_VENV") or REPO / ".ls-venv") / "bin" / "label-studio"
     done = subprocess.run([str(exe), "shell"], input=script, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0 and "ANNOTATOR-CREATED" in done.stdout, (done.stdout + done.stderr)[-2000:]
@@ -164,6 +167,12 @@ def next_task(ls: Any, project: int, token: str) -> int:
 def test_the_labeling_stream_follows_isal_end_to_end(stack: Stack) -> None:
     ls = stack.ls
     project = stack.api("POST", "/api/projects", json={"title": "isal e2e", "label_config": LABEL_CONFIG})["id"]
+    sqlite_file = Path(ls.db_env["LABEL_STUDIO_BASE_DATA_DIR"]) / "label_studio.sqlite3"
+    if ls.database == "postgres":  # Label Studio keeps its data in PostgreSQL, not in a SQLite file beside it
+        rows = Postgres.from_env().query(ls.db_env["POSTGRE_NAME"], f"SELECT title FROM project WHERE id = {project}")
+        assert rows == ["isal e2e"] and not sqlite_file.exists()
+    else:
+        assert sqlite_file.exists()
     images = cifar_images()
     for start in range(0, len(images), 50):  # Django refuses more than 100 files in one request
         # one form field per file: Label Studio keeps only one file per field name

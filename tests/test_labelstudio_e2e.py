@@ -220,7 +220,19 @@ def test_list_tasks_with_annotations(client: LabelStudioClient, api: Api) -> Non
     assert tasks[t[0]]["data"]["image"].startswith("data:image/png;base64,")
 
 
-def test_predictions_order_the_labeling_stream(client: LabelStudioClient, api: Api, label_studio: Any) -> None:
+def test_predictions_order_the_labeling_stream(client: LabelStudioClient, api: Api) -> None:
+    check_predictions_order_the_stream(client, api)
+
+
+def test_predictions_order_the_labeling_stream_on_postgresql(label_studio_pg: Any) -> None:
+    """The same writes, deletes and ``/next`` order with Label Studio on PostgreSQL (as in production), by PAT."""
+    with LabelStudioClient(label_studio_pg.url, label_studio_pg.personal_access_token(), timeout=60, retries=2,
+                           backoff=0.2) as client:
+        check_predictions_order_the_stream(client, Api(label_studio_pg))
+
+
+def check_predictions_order_the_stream(client: LabelStudioClient, api: Api) -> None:
+    """Two rounds' predictions written, the older deleted; ``/next`` serves the newer's order with its pre-labels."""
     pid = api.project("ordering")
     api("POST", f"/api/projects/{pid}/import", 201, json=[{"image": _data_url(c)} for c in COLORS[:5]])
     t = api.task_ids(pid)

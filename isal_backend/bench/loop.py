@@ -34,7 +34,7 @@ import redis
 import requests
 from PIL import Image
 
-from isal_backend.bench.stack import REPO, backend_env, start_backend, start_label_studio, start_worker
+from isal_backend.bench.stack import REPO, Postgres, backend_env, start_backend, start_label_studio, start_worker
 from isal_backend.bench.webhook_latency import measure_webhook_latency, percentile
 from isal_backend.labelstudio.client import LabelStudioClient
 from isal_backend.store import ModelStore
@@ -142,10 +142,24 @@ def _ms(values: list[float], q: float) -> float:
 
 
 def run(tasks: int, repeats: int, work: Path, ls_venv: Path, redis_url: str, workers: int = 1,
-        extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+        extra_env: dict[str, str] | None = None, database: str = "sqlite") -> dict[str, Any]:
+    """``database``: ``sqlite`` (Label Studio's default) or ``postgres`` (a fresh database on the PostgreSQL
+    server of PGHOST/PGPORT/PGUSER, default 127.0.0.1:5432, dropped at the end)."""
+    postgres = Postgres.from_env() if database == "postgres" else None
+    db_name = postgres.create_database("isal_bench") if postgres else None
+    try:
+        figures = _run(tasks, repeats, work, ls_venv, redis_url, workers, extra_env, db_name)
+    finally:
+        if postgres and db_name:
+            postgres.drop_database(db_name)
+    return {**figures, "database": database}
+
+
+def _run(tasks: int, repeats: int, work: Path, ls_venv: Path, redis_url: str, workers: int,
+         extra_env: dict[str, str] | None, db_name: str | None) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, size=tasks)
-    ls = start_label_studio(ls_venv, work / "label-studio")
+    ls = start_label_studio(ls_venv, work / "label-studio", db_name)
     started = time.perf_counter()
     refs = write_images(ls.files_root, labels)
     write_seconds = time.perf_counter() - started
@@ -252,7 +266,7 @@ def main(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="isal-bench-loop-"))
     extra = dict(item.split("=", 1) for item in args.env or [])
     try:
-        figures = run(args.tasks, args.repeats, work, ls_venv, args.redis_url, args.workers, extra)
+        figures = run(args.tasks, args.repeats, work, ls_venv, args.redis_url, args.workers, extra, args.database)
     except BaseException:
         print(f"bench loop failed; the logs of Label Studio, the backend and the workers are in {work}")
         raise
@@ -260,9 +274,10 @@ def main(args: argparse.Namespace) -> int:
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"tasks {figures['tasks']}, {figures['workers']} worker(s): freshness {figures['freshness_seconds']} s "
-          f"(median of {args.repeats}); baseline: the round itself {figures['round_seconds']} s, of which fetch "
-          f"{figures['fetch_seconds']} s ({figures['fetch_modes']}); first round {figures['first_round_seconds']} s; "
+    print(f"tasks {figures['tasks']}, {figures['workers']} worker(s), Label Studio on {figures['database']}: "
+          f"freshness {figures['freshness_seconds']} s (median of {args.repeats}); "
+          f"baseline: the round itself {figures['round_seconds']} s, of which fetch {figures['fetch_seconds']} s "
+          f"({figures['fetch_modes']}); first round {figures['first_round_seconds']} s; "
           f"/next p99 {figures['busy_next_p99_ms']} ms during rounds against {figures['idle_next_p99_ms']} ms idle")
     print(json.dumps(figures, indent=2))
     return 0

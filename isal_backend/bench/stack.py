@@ -7,6 +7,7 @@ Every process gets its own process group, so stopping it also stops its children
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import socket
@@ -81,23 +82,89 @@ class Service:
         stop_process(self.proc)
 
 
+@dataclass(frozen=True)
+class Postgres:
+    """A PostgreSQL server for Label Studio, from psql's own variables (PGHOST, PGPORT, PGUSER, PGPASSWORD).
+
+    The defaults are the local test server (127.0.0.1:5432, user postgres, trust auth). Databases are made
+    and dropped with ``createdb``/``dropdb``, so the backend's virtualenv needs no PostgreSQL driver.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 5432
+    user: str = "postgres"
+    password: str = field(default="", repr=False)
+
+    @classmethod
+    def from_env(cls) -> Postgres:
+        e = os.environ
+        return cls(e.get("PGHOST") or "127.0.0.1", int(e.get("PGPORT") or 5432), e.get("PGUSER") or "postgres",
+                   e.get("PGPASSWORD", ""))
+
+    def __str__(self) -> str:
+        return f"PostgreSQL at {self.host}:{self.port} (user {self.user}; set by PGHOST, PGPORT, PGUSER, PGPASSWORD)"
+
+    def _run(self, *command: str) -> str:
+        env = {**os.environ, "PGHOST": self.host, "PGPORT": str(self.port), "PGUSER": self.user,
+               "PGPASSWORD": self.password, "PGCONNECT_TIMEOUT": "10"}
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        except FileNotFoundError as exc:
+            raise RuntimeError(f"{command[0]} is not installed (Debian package postgresql-client): {exc}") from exc
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed on {self}: {(done.stderr or done.stdout).strip()}")
+        return done.stdout
+
+    def create_database(self, prefix: str = "isal") -> str:
+        """A new, empty database with a unique name; returns the name."""
+        name = f"{re.sub(r'[^a-z0-9_]', '_', prefix.lower())}_{secrets.token_hex(4)}"
+        self._run("createdb", "--template=template0", "--encoding=UTF8", name)
+        return name
+
+    def drop_database(self, name: str) -> None:
+        """Drop it, disconnecting whoever is still connected (a Label Studio that did not stop cleanly)."""
+        self._run("dropdb", "--if-exists", "--force", name)
+
+    def query(self, database: str, sql: str) -> list[str]:
+        """The rows ``psql`` prints for ``sql`` (unaligned, ``|`` between columns): for tests and checks."""
+        return self._run("psql", "--no-psqlrc", "-tA", "-v", "ON_ERROR_STOP=1", "-d", database, "-c", sql).splitlines()
+
+    def label_studio_env(self, name: str) -> dict[str, str]:
+        """Label Studio's settings for this database (its ``DJANGO_DB=default`` reads the ``POSTGRE_*``)."""
+        return {"DJANGO_DB": "default", "POSTGRE_NAME": name, "POSTGRE_USER": self.user,
+                "POSTGRE_PASSWORD": self.password, "POSTGRE_HOST": self.host, "POSTGRE_PORT": str(self.port)}
+
+
 @dataclass
 class LabelStudio(Service):
-    """A running Label Studio with the admin's legacy token and a folder served as local files."""
+    """A running Label Studio: the admin's login and legacy token, a folder served as local files, its database."""
 
     token: str = field(default="", repr=False)
     files_root: Path = Path()
+    username: str = "admin@example.com"
+    password: str = field(default="", repr=False)  # for a browser's login page; never printed
+    #: The database settings (DJANGO_DB, POSTGRE_*) and data dir, for ``label-studio shell`` on the same data.
+    db_env: dict[str, str] = field(default_factory=dict, repr=False)
 
-    def __repr__(self) -> str:  # never print the token
+    def __repr__(self) -> str:  # never print the token or the password
         return f"LabelStudio(url={self.url!r})"
 
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Token {self.token}"}
 
+    @property
+    def database(self) -> str:
+        return "postgres" if self.db_env.get("DJANGO_DB") == "default" else "sqlite"
 
-def start_label_studio(ls_venv: Path, base: Path) -> LabelStudio:
-    """Label Studio 1.23.2 as docs/label-studio.md says: fresh data dir, legacy token, loopback allowed."""
+
+def start_label_studio(ls_venv: Path, base: Path, database: str | None = None,
+                       postgres: Postgres | None = None) -> LabelStudio:
+    """Label Studio 1.23.2 as docs/label-studio.md says: fresh data dir, legacy token, loopback allowed.
+
+    ``database`` names an existing, empty PostgreSQL database (``Postgres.create_database``) on ``postgres``
+    (default: ``Postgres.from_env()``), as Label Studio runs in production; ``None`` keeps its SQLite file.
+    """
     exe = Path(ls_venv) / "bin" / "label-studio"
     if not exe.exists():
         raise FileNotFoundError(f"Label Studio is not installed at {exe}: `make test` installs it "
@@ -105,12 +172,15 @@ def start_label_studio(ls_venv: Path, base: Path) -> LabelStudio:
     base.mkdir(parents=True, exist_ok=True)
     files_root = base / "files"
     files_root.mkdir(exist_ok=True)
-    port, token = free_port(), secrets.token_hex(20)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "DJANGO_"))}
+    port, token, password = free_port(), secrets.token_hex(20), secrets.token_urlsafe(16)
+    db_env = {"LABEL_STUDIO_BASE_DATA_DIR": str(base / "data")}
+    if database is not None:
+        db_env.update((postgres or Postgres.from_env()).label_studio_env(database))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "DJANGO_", "POSTGRE_"))}
+    env.update(db_env)
     env.update({
-        "LABEL_STUDIO_BASE_DATA_DIR": str(base / "data"),
         "LABEL_STUDIO_USERNAME": "admin@example.com",
-        "LABEL_STUDIO_PASSWORD": secrets.token_urlsafe(16),
+        "LABEL_STUDIO_PASSWORD": password,
         "LABEL_STUDIO_USER_TOKEN": token,
         "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
         "ML_BLOCK_LOCAL_IP": "false",
@@ -130,7 +200,8 @@ def start_label_studio(ls_venv: Path, base: Path) -> LabelStudio:
     except BaseException:
         stop_process(proc)
         raise
-    return LabelStudio(proc=proc, log_path=log_path, url=url, token=token, files_root=files_root)
+    return LabelStudio(proc=proc, log_path=log_path, url=url, token=token, files_root=files_root,
+                       password=password, db_env=db_env)
 
 
 def backend_env(model_dir: Path, redis_url: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:
