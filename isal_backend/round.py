@@ -37,7 +37,7 @@ import torch
 from isal_backend.datastore import Datastore
 from isal_backend.history import HistoryReader
 from isal_backend.labelstudio.config import parse_project_config
-from isal_backend.labelstudio.convert import describe_result, rank_scores
+from isal_backend.labelstudio.convert import describe_result, ls_moment, rank_scores
 from isal_backend.settings import Settings
 from isal_backend.store import ImageCache, ModelStore
 from isal_backend.strategies.base import Strategy
@@ -97,7 +97,7 @@ def newest_annotation(tasks: list[dict[str, Any]]) -> str | None:
     """The newest ``updated_at`` (else ``created_at``) of any annotation: what this round has seen."""
     times = [str(a.get("updated_at") or a.get("created_at") or "") for t in tasks for a in t.get("annotations") or []
              if isinstance(a, dict)]
-    return max((t for t in times if t), default=None)
+    return max((t for t in times if t), default=None, key=ls_moment)  # as times: LS may drop the fraction
 
 
 class Timer:

@@ -64,6 +64,13 @@ def test_task_label_uses_latest_non_cancelled_annotation() -> None:
     assert task_label(task, CONFIG) == "cat"
 
 
+def test_task_label_reads_timestamps_as_times_not_strings() -> None:
+    """LS drops the fraction of a stamp whose microseconds are 0; as a string it would sort after a later one."""
+    task = {"id": 7, "annotations": [_ann("cat", id=2, updated_at="2026-01-01T10:00:05Z"),
+                                     _ann("dog", id=1, updated_at="2026-01-01T10:00:05.300000Z")]}
+    assert task_label(task, CONFIG) == "dog"
+
+
 def test_task_label_skips() -> None:
     with pytest.raises(AnnotationSkipped, match="no annotations"):
         task_label({"id": 1, "annotations": []}, CONFIG)

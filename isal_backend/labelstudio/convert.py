@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from isal_backend.labelstudio.config import ClassificationConfig
@@ -51,10 +52,29 @@ def annotation_label(annotation: Mapping[str, Any], config: ClassificationConfig
     return label
 
 
-def _recency(annotation: Mapping[str, Any]) -> tuple[str, str, int]:
-    # ISO-8601 UTC timestamps from LS sort correctly as strings; the id breaks ties (it grows with creation).
+#: What a missing or unreadable timestamp counts as: before any other.
+NEVER = datetime.min.replace(tzinfo=UTC)
+
+
+def ls_moment(stamp: Any) -> datetime:
+    """A Label Studio timestamp as an aware datetime (NEVER when missing or unreadable).
+
+    Not compared as strings: LS (Django REST framework) drops the fraction when the microseconds are 0
+    (``...T10:00:05Z``), and that stamp sorts as a string after a later one of the same second (``...05.3Z``).
+    """
+    if not isinstance(stamp, str) or not stamp:
+        return NEVER
+    try:
+        moment = datetime.fromisoformat(stamp)
+    except ValueError:
+        return NEVER
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _recency(annotation: Mapping[str, Any]) -> tuple[datetime, datetime, int]:
+    # The id breaks ties (it grows with creation).
     ann_id = annotation.get("id")
-    return (str(annotation.get("updated_at") or ""), str(annotation.get("created_at") or ""),
+    return (ls_moment(annotation.get("updated_at")), ls_moment(annotation.get("created_at")),
             ann_id if isinstance(ann_id, int) else -1)
 
 

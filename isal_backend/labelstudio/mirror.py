@@ -20,9 +20,11 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any, Protocol
+
+from isal_backend.labelstudio.convert import NEVER, ls_moment
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +171,11 @@ class MirrorSource(Protocol):
 
 
 def _minus_lag(stamp: str) -> str:
-    moment = datetime.strptime(stamp, LS_TIME).replace(tzinfo=UTC) - CURSOR_LAG
-    return moment.strftime(LS_TIME)
+    """``stamp`` less CURSOR_LAG, in the format the Data Manager takes (LS may send it without a fraction)."""
+    moment = ls_moment(stamp)
+    if moment == NEVER:
+        raise ValueError(f"unreadable Label Studio timestamp {stamp!r}")
+    return (moment.astimezone(UTC) - CURSOR_LAG).strftime(LS_TIME)
 
 
 def request_resync(project_dir: Path) -> None:
@@ -210,7 +215,7 @@ def sync(source: MirrorSource, mirror: TaskMirror, project_id: int, task_number:
             if int(r.get("total_annotations") or 0) + int(r.get("cancelled_annotations") or 0) > 0]
     detailed = {int(t["id"]): t for t in source.tasks_with_annotations(project_id, need)} if need else {}
     upserts = [normalize(r, (detailed.get(int(r["id"])) or {}).get("annotations") or []) for r in rows]
-    newest = max([cursor, *(str(r["updated_at"]) for r in rows if r.get("updated_at"))])
+    newest = max([cursor, *(str(r["updated_at"]) for r in rows if r.get("updated_at"))], key=ls_moment)
     mirror.apply(upserts, meta={"cursor": newest})
     report: dict[str, Any] = {"mode": "incremental", "changed": len(rows), "with_annotations": len(need)}
     if task_number is not None and len(mirror) != task_number:
