@@ -23,6 +23,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from isal_backend.times import parse_time
+
 HISTORY_FILE = "history.jsonl"
 #: Report fields a history line keeps (the bulky lists are counted instead).
 SUMMARY_FIELDS = (
@@ -134,17 +136,6 @@ def stored_rounds(project_dir: str | Path) -> list[dict[str, Any]]:
         except (OSError, ValueError):
             continue
     return out
-
-
-def parse_time(value: Any) -> datetime | None:
-    """An ISO-8601 time of a report (``...Z`` or ``+00:00``), or None."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else None
 
 
 def freshness(entries: list[Mapping[str, Any]]) -> list[float | None]:

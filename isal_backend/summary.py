@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from isal_backend.history import METRICS, STEPS, HistoryReader, freshness, parse_time
+from isal_backend.history import METRICS, STEPS, HistoryReader, freshness
 from isal_backend.settings import Settings, SettingsError, project_credentials
 from isal_backend.status import all_status, without_traceback
 from isal_backend.thumbnails import Thumbnails
+from isal_backend.times import parse_time
 
 #: Rounds listed in a summary's timeline (the curve keeps every round).
 TIMELINE_ROUNDS = 30

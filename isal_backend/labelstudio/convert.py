@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from isal_backend.labelstudio.config import ClassificationConfig
+from isal_backend.times import parse_time
 
 #: AnnotationSkipped's reason when the annotators skipped the task (every annotation cancelled).
 CANCELLED = "all annotations of the task were cancelled"
@@ -62,13 +63,7 @@ def ls_moment(stamp: Any) -> datetime:
     Not compared as strings: LS (Django REST framework) drops the fraction when the microseconds are 0
     (``...T10:00:05Z``), and that stamp sorts as a string after a later one of the same second (``...05.3Z``).
     """
-    if not isinstance(stamp, str) or not stamp:
-        return NEVER
-    try:
-        moment = datetime.fromisoformat(stamp)
-    except ValueError:
-        return NEVER
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    return (parse_time(stamp) if isinstance(stamp, str) else None) or NEVER
 
 
 def _recency(annotation: Mapping[str, Any]) -> tuple[datetime, datetime, int]:

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, MutableMapping
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from isal_backend.settings import Settings, SettingsError, project_credentials
+from isal_backend.times import parse_time
 
 logger = logging.getLogger(__name__)
 
@@ -34,19 +35,6 @@ def known_projects(model_dir: str | Path) -> list[int]:
     if not folder.is_dir():
         return []
     return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit())
-
-
-def parse_time(value: Any) -> datetime | None:
-    """An ISO-8601 time (Label Studio's ``...Z``, our ``+00:00``) or a Unix time, as an aware UTC datetime."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return datetime.fromtimestamp(float(value), UTC)
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 def last_round_time(model_dir: str | Path, project_id: int) -> datetime | None:
