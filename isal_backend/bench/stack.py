@@ -14,10 +14,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
 import requests
 
 REPO = Path(__file__).resolve().parents[2]
@@ -203,6 +206,26 @@ def start_label_studio(ls_venv: Path, base: Path, database: str | None = None,
         raise
     return LabelStudio(proc=proc, log_path=log_path, url=url, token=token, files_root=files_root,
                        password=password, db_env=db_env)
+
+
+@contextmanager
+def label_studio_database(database: str, prefix: str = "isal_bench") -> Iterator[str | None]:
+    """``sqlite``: None (Label Studio's own file); ``postgres``: a fresh database on ``Postgres.from_env()``,
+    dropped at the end whatever happened, so a benchmark leaves no database behind."""
+    postgres = Postgres.from_env() if database == "postgres" else None
+    name = postgres.create_database(prefix) if postgres else None
+    try:
+        yield name
+    finally:
+        if postgres and name:
+            postgres.drop_database(name)
+
+
+def clear_redis(redis_url: str, prefix: str) -> None:
+    """Remove a run's keys (its ISAL_REDIS_PREFIX and RQ queue) from a shared Redis."""
+    r = redis.Redis.from_url(redis_url)
+    for key in [*r.scan_iter(f"{prefix}*"), *r.scan_iter(f"rq:*{prefix}*")]:
+        r.delete(key)
 
 
 def create_annotator(ls: Any, email: str, ls_venv: Path | None = None) -> str:
