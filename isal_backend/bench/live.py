@@ -279,9 +279,11 @@ class Run:
                     t.join()
                 labeled += chunk
                 watcher.join(timeout=CATCH_UP_TIMEOUT_S)
-                self.caught_up(project, labeled)
+                report = self.caught_up(project, labeled)
                 curve.append([labeled, round(self.accuracy(project), 4)])
-                print(f"{arm} seed {seed}: {labeled} labels, held-out accuracy {curve[-1][1]:.3f}", flush=True)
+                print(f"{arm} seed {seed}: {labeled} labels, held-out accuracy {curve[-1][1]:.3f} (the round's "
+                      f"validation accuracy {report.get('validation_accuracy')}, order {report.get('order')})",
+                      flush=True)
         self.max_predictions = max(self.max_predictions, count.maximum)
         # /next with the backend idle (caught up), on the same project: asked after the labels, so the
         # probe's locks (Label Studio locks a served task for its user) never change what annotators get
