@@ -28,7 +28,7 @@ def test_bench_live_tiny_run_writes_its_figures(tmp_path: Path) -> None:
     small = "small-cnn" in KNOWN_BACKBONES
     backbone = ["--env", "ISAL_BACKBONE=small-cnn", "--env", "ISAL_FEATURE_DIM=16"] if small else []
     command = [sys.executable, "-m", "isal_backend", "bench", "live", "--tasks", "120", "--labels", "20",
-               "--every", "10", "--pause", "0.2", "--json", str(out), *backbone,
+               "--every", "10", "--pause", "0.1", "--json", str(out), *backbone,
                "--env", f"ISAL_WRITE_TOP_M={WRITE_TOP_M}", "--env", "ISAL_WRITE_MIN=10"]
     done = subprocess.run(command, cwd=REPO, env=os.environ.copy(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]

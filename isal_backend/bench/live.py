@@ -62,8 +62,8 @@ from isal_backend.labelstudio.client import LabelStudioClient
 from isal_backend.store import ModelStore
 
 TEST_SIZE = 500
-QUICK = {"tasks": 300, "labels": 50, "every": 25}
-DEFAULTS = {"tasks": 1000, "labels": 200, "every": 25}
+QUICK = {"tasks": 300, "labels": 50, "every": 25, "pause": 0.5}
+DEFAULTS = {"tasks": 1000, "labels": 200, "every": 25, "pause": 1.0}
 PREDICT_BATCH = 100
 CATCH_UP_TIMEOUT_S = 900
 
@@ -376,15 +376,15 @@ def plot(figures: dict[str, Any], path: Path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     sizes = QUICK if args.quick else DEFAULTS
-    tasks, labels, every = (getattr(args, k) if getattr(args, k) is not None else sizes[k]
-                            for k in ("tasks", "labels", "every"))
+    tasks, labels, every, pause = (getattr(args, k) if getattr(args, k) is not None else sizes[k]
+                                   for k in ("tasks", "labels", "every", "pause"))
     extra = dict(item.split("=", 1) for item in args.env or [])
     if args.quick:
         extra.setdefault("ISAL_BACKBONE", "small-cnn")
     ls_venv = Path(args.ls_venv or os.environ.get("LS_VENV") or REPO / ".ls-venv")
     work = Path(tempfile.mkdtemp(prefix="isal-bench-live-"))
     try:
-        figures = run(tasks, labels, args.annotators, args.pause, args.seeds, every, work, ls_venv,
+        figures = run(tasks, labels, args.annotators, pause, args.seeds, every, work, ls_venv,
                       args.redis_url, extra, args.db)
     except BaseException:
         print(f"bench live failed; the logs of Label Studio, the backend and the worker are in {work}")
