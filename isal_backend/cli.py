@@ -61,6 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--env", action="append", metavar="NAME=VALUE",
                       help="a backend setting for this run (repeatable), e.g. --env ISAL_BACKBONE=small-cnn")
 
+    live = bench.add_parser("live", help="simulated annotators on a real Label Studio: stream vs random order")
+    live.add_argument("--tasks", type=int, default=None, help="tasks in each project (default 1000; 300 with --quick)")
+    live.add_argument("--labels", type=int, default=None, help="labels per project (default 200; 50 with --quick)")
+    live.add_argument("--annotators", type=int, default=1, help="Label Studio users labeling at once")
+    live.add_argument("--pause", type=float, default=None, help="seconds an annotator takes per label (default 1; "
+                      "0.5 with --quick)")
+    live.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite",
+                      help="Label Studio's database (postgres: a fresh database on PGHOST/PGPORT/PGUSER, dropped)")
+    live.add_argument("--seeds", type=int, default=1, help="seeds (a stream and a random project each)")
+    live.add_argument("--every", type=int, default=None, help="labels between accuracy checkpoints (default 25)")
+    live.add_argument("--json", default="bench-out/live.json", help="write the figures here as JSON")
+    live.add_argument("--png", default=None, help="the accuracy curves (default: next to the JSON)")
+    live.add_argument("--quick", action="store_true", help="300 tasks, 50 labels, pause 0.5, small-cnn: "
+                      "about five minutes")
+    live.add_argument("--ls-venv", default=None, help="virtualenv with label-studio 1.23.2 (default $LS_VENV)")
+    live.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    live.add_argument("--env", action="append", metavar="NAME=VALUE",
+                      help="a backend setting for this run (repeatable), e.g. --env ISAL_WRITE_TOP_M=100")
+
     recipe = sub.add_parser("recipe", help="print the recipe a round runs with the current environment (JSON)")
     recipe.add_argument("--task", default="classification", choices=["classification", "detection"])
 
@@ -88,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         elif args.command == "bench" and args.bench == "loop":
             from isal_backend.bench.loop import main as run
+
+        elif args.command == "bench" and args.bench == "live":
+            from isal_backend.bench.live import main as run
 
         elif args.command == "status":
             from isal_backend.summary import main as run

@@ -9,9 +9,6 @@ twice: Label Studio on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import subprocess
 import tarfile
 import time
 import uuid
@@ -24,7 +21,7 @@ import redis
 import requests
 
 from isal_backend.bench.datasets import CIFAR10_ARCHIVE
-from isal_backend.bench.stack import REPO, Postgres, Service, backend_env, start_backend, start_worker
+from isal_backend.bench.stack import Postgres, Service, backend_env, create_annotator, start_backend, start_worker
 from isal_backend.store import ModelStore
 from tests.datafiles import data_file
 from tests.servers import DATABASES, label_studio_on
@@ -131,30 +128,6 @@ def wait_for_round(stack: Stack, project: int, done: Any, timeout_s: float = 300
             return state.report
         time.sleep(1)
     raise AssertionError(f"no round satisfying the condition within {timeout_s} s; logs:\n{stack.logs()}")
-
-
-def create_annotator(ls: Any, email: str) -> str:
-    """A second user of the admin's organization with a legacy token, made in Label Studio's Django shell."""
-    token = secrets.token_hex(20)
-    script = "\n".join([
-        "from users.models import User",
-        "from rest_framework.authtoken.models import Token",
-        "org = User.objects.get(email='admin@example.com').active_organization",
-        f"u = User.objects.create_user(email='{email}', username='{email}', password='{secrets.token_urlsafe(12)}')",
-        "org.add_user(u)",
-        "u.active_organization = org",
-        "u.save()",
-        "Token.objects.filter(user=u).delete()",  # Label Studio made one on creation; use ours
-        f"Token.objects.create(user=u, key='{token}')",
-        "print('ANNOTATOR-CREATED')",
-        "",
-    ])
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "DJANGO_", "POSTGRE_"))}
-    env.update(ls.db_env)  # its data dir and database (SQLite or PostgreSQL)
-    exe = Path(os.environ.get("LS_VENV") or REPO / ".ls-venv") / "bin" / "label-studio"
-    done = subprocess.run([str(exe), "shell"], input=script, env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0 and "ANNOTATOR-CREATED" in done.stdout, (done.stdout + done.stderr)[-2000:]
-    return token
 
 
 def next_task(ls: Any, project: int, token: str) -> int:

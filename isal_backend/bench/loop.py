@@ -30,11 +30,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis
 import requests
 from PIL import Image
 
-from isal_backend.bench.stack import REPO, Postgres, backend_env, start_backend, start_label_studio, start_worker
+from isal_backend.bench.stack import (
+    REPO,
+    backend_env,
+    clear_redis,
+    label_studio_database,
+    start_backend,
+    start_label_studio,
+    start_worker,
+)
 from isal_backend.bench.webhook_latency import measure_webhook_latency, percentile
 from isal_backend.labelstudio.client import LabelStudioClient
 from isal_backend.store import ModelStore
@@ -145,13 +152,8 @@ def run(tasks: int, repeats: int, work: Path, ls_venv: Path, redis_url: str, wor
         extra_env: dict[str, str] | None = None, database: str = "sqlite") -> dict[str, Any]:
     """``database``: ``sqlite`` (Label Studio's default) or ``postgres`` (a fresh database on the PostgreSQL
     server of PGHOST/PGPORT/PGUSER, default 127.0.0.1:5432, dropped at the end)."""
-    postgres = Postgres.from_env() if database == "postgres" else None
-    db_name = postgres.create_database("isal_bench") if postgres else None
-    try:
+    with label_studio_database(database) as db_name:
         figures = _run(tasks, repeats, work, ls_venv, redis_url, workers, extra_env, db_name)
-    finally:
-        if postgres and db_name:
-            postgres.drop_database(db_name)
     return {**figures, "database": database}
 
 
@@ -256,9 +258,7 @@ def _run(tasks: int, repeats: int, work: Path, ls_venv: Path, redis_url: str, wo
         for service in (*pool, backend, ls):
             if service is not None:
                 service.stop()
-        r = redis.Redis.from_url(redis_url)
-        for key in [*r.scan_iter(f"{prefix}*"), *r.scan_iter(f"rq:*{prefix}*")]:
-            r.delete(key)
+        clear_redis(redis_url, prefix)
 
 
 def main(args: argparse.Namespace) -> int:

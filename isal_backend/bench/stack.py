@@ -1,6 +1,6 @@
 """Start and stop the real parts on loopback: Label Studio, the backend under gunicorn, an RQ worker.
 
-Used by ``bench loop`` and by the end-to-end tests, so both measure and check the same stack.
+Used by ``bench loop``, ``bench live`` and by the end-to-end tests, so both measure and check the same stack.
 Every process gets its own process group, so stopping it also stops its children.
 """
 
@@ -14,9 +14,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import redis
 import requests
 
 REPO = Path(__file__).resolve().parents[2]
@@ -202,6 +206,55 @@ def start_label_studio(ls_venv: Path, base: Path, database: str | None = None,
         raise
     return LabelStudio(proc=proc, log_path=log_path, url=url, token=token, files_root=files_root,
                        password=password, db_env=db_env)
+
+
+@contextmanager
+def label_studio_database(database: str, prefix: str = "isal_bench") -> Iterator[str | None]:
+    """``sqlite``: None (Label Studio's own file); ``postgres``: a fresh database on ``Postgres.from_env()``,
+    dropped at the end whatever happened, so a benchmark leaves no database behind."""
+    postgres = Postgres.from_env() if database == "postgres" else None
+    name = postgres.create_database(prefix) if postgres else None
+    try:
+        yield name
+    finally:
+        if postgres and name:
+            postgres.drop_database(name)
+
+
+def clear_redis(redis_url: str, prefix: str) -> None:
+    """Remove a run's keys (its ISAL_REDIS_PREFIX and RQ queue) from a shared Redis."""
+    r = redis.Redis.from_url(redis_url)
+    for key in [*r.scan_iter(f"{prefix}*"), *r.scan_iter(f"rq:*{prefix}*")]:
+        r.delete(key)
+
+
+def create_annotator(ls: Any, email: str, ls_venv: Path | None = None) -> str:
+    """Another user of the admin's organization with a legacy token, made in Label Studio's Django shell.
+
+    Label Studio's API makes no user with a token, and ``/next`` locks and serves tasks per user: each
+    simulated annotator of ``bench live`` (and of the e2e tests) needs its own. Returns the token.
+    """
+    token = secrets.token_hex(20)
+    script = "\n".join([
+        "from users.models import User",
+        "from rest_framework.authtoken.models import Token",
+        "org = User.objects.get(email='admin@example.com').active_organization",
+        f"u = User.objects.create_user(email='{email}', username='{email}', password='{secrets.token_urlsafe(12)}')",
+        "org.add_user(u)",
+        "u.active_organization = org",
+        "u.save()",
+        "Token.objects.filter(user=u).delete()",  # Label Studio made one on creation; use ours
+        f"Token.objects.create(user=u, key='{token}')",
+        "print('ANNOTATOR-CREATED')",
+        "",
+    ])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "DJANGO_", "POSTGRE_"))}
+    env.update(ls.db_env)  # its data dir and database (SQLite or PostgreSQL)
+    exe = Path(ls_venv or os.environ.get("LS_VENV") or REPO / ".ls-venv") / "bin" / "label-studio"
+    done = subprocess.run([str(exe), "shell"], input=script, env=env, capture_output=True, text=True, timeout=180)
+    if done.returncode != 0 or "ANNOTATOR-CREATED" not in done.stdout:
+        raise RuntimeError(f"creating annotator {email} failed: {(done.stdout + done.stderr)[-2000:]}")
+    return token
 
 
 def backend_env(model_dir: Path, redis_url: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:

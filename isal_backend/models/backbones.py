@@ -132,7 +132,12 @@ def build_backbone(
 ) -> tuple[nn.Module, Preprocess]:
     """A backbone and its preprocessing, by name (see :data:`BACKBONES`)."""
     if name == "small-cnn":
-        return SmallCNN(), Preprocess(image_size or 32, (127.5,) * 3, (127.5,) * 3)
+        # Untrained, so its weights are the features: seeded, or the web process (/predict) and each worker
+        # would build a different network and their features would not agree.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = SmallCNN()
+        return net, Preprocess(image_size or 32, (127.5,) * 3, (127.5,) * 3)
     if name == "resnet18":
         return ResNet18Features(False, checkpoint, pretrained), Preprocess(image_size or 224, *IMAGENET)
     if name == "resnet18-cifar":
