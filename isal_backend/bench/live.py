@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
 import random
-import shutil
 import statistics
-import tempfile
 import threading
 import time
 import uuid
@@ -54,6 +51,7 @@ from isal_backend.bench.stack import (
     clear_redis,
     create_annotator,
     label_studio_database,
+    run_in_workdir,
     start_backend,
     start_label_studio,
     start_worker,
@@ -382,17 +380,12 @@ def main(args: argparse.Namespace) -> int:
     if args.quick:
         extra.setdefault("ISAL_BACKBONE", "small-cnn")
     ls_venv = Path(args.ls_venv or os.environ.get("LS_VENV") or REPO / ".ls-venv")
-    work = Path(tempfile.mkdtemp(prefix="isal-bench-live-"))
-    try:
-        figures = run(tasks, labels, args.annotators, pause, args.seeds, every, work, ls_venv,
-                      args.redis_url, extra, args.db)
-    except BaseException:
-        print(f"bench live failed; the logs of Label Studio, the backend and the worker are in {work}")
-        raise
-    shutil.rmtree(work, ignore_errors=True)
+    figures = run_in_workdir(
+        "isal-bench-live-", "bench live",
+        lambda work: run(tasks, labels, args.annotators, pause, args.seeds, every, work, ls_venv, args.redis_url,
+                         extra, args.db),
+        args.json)
     path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(figures, indent=2) + "\n")
     png = Path(args.png) if args.png else path.with_suffix(".png")
     plot(figures, png)
     last = {arm: figures[f"{arm}_accuracy"][-1][1] for arm in ("stream", "random")}

@@ -20,9 +20,7 @@ import argparse
 import io
 import json
 import os
-import shutil
 import statistics
-import tempfile
 import threading
 import time
 import uuid
@@ -38,6 +36,7 @@ from isal_backend.bench.stack import (
     backend_env,
     clear_redis,
     label_studio_database,
+    run_in_workdir,
     start_backend,
     start_label_studio,
     start_worker,
@@ -263,17 +262,11 @@ def _run(tasks: int, repeats: int, work: Path, ls_venv: Path, redis_url: str, wo
 
 def main(args: argparse.Namespace) -> int:
     ls_venv = Path(args.ls_venv or os.environ.get("LS_VENV") or REPO / ".ls-venv")
-    work = Path(tempfile.mkdtemp(prefix="isal-bench-loop-"))
     extra = dict(item.split("=", 1) for item in args.env or [])
-    try:
-        figures = run(args.tasks, args.repeats, work, ls_venv, args.redis_url, args.workers, extra, args.database)
-    except BaseException:
-        print(f"bench loop failed; the logs of Label Studio, the backend and the workers are in {work}")
-        raise
-    shutil.rmtree(work, ignore_errors=True)
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(figures, indent=2) + "\n")
+    figures = run_in_workdir(
+        "isal-bench-loop-", "bench loop",
+        lambda work: run(args.tasks, args.repeats, work, ls_venv, args.redis_url, args.workers, extra, args.database),
+        args.json)
     print(f"tasks {figures['tasks']}, {figures['workers']} worker(s), Label Studio on {figures['database']}: "
           f"freshness {figures['freshness_seconds']} s (median of {args.repeats}); "
           f"baseline: the round itself {figures['round_seconds']} s, of which fetch {figures['fetch_seconds']} s "

@@ -6,15 +6,18 @@ Every process gets its own process group, so stopping it also stops its children
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +209,26 @@ def start_label_studio(ls_venv: Path, base: Path, database: str | None = None,
         raise
     return LabelStudio(proc=proc, log_path=log_path, url=url, token=token, files_root=files_root,
                        password=password, db_env=db_env)
+
+
+def run_in_workdir(prefix: str, what: str, run: Callable[[Path], dict[str, Any]], json_path: str | Path
+                   ) -> dict[str, Any]:
+    """Run a benchmark of the live stack in a fresh temporary folder and write its figures to ``json_path``.
+
+    On failure the folder stays (it holds the logs of Label Studio, the backend and the workers) and is named;
+    on success it is removed.
+    """
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        figures = run(work)
+    except BaseException:
+        print(f"{what} failed; the logs of Label Studio, the backend and the workers are in {work}")
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    path = Path(json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
 
 
 @contextmanager
