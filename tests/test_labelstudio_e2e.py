@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import base64
-import http.server
 import io
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +22,7 @@ from isal_backend.labelstudio.client import (
 )
 from isal_backend.labelstudio.convert import AnnotationSkipped
 from isal_backend.labelstudio.fetch import DownloadPolicy
+from tests.loopback_http import serve
 
 pytestmark = pytest.mark.e2e
 
@@ -144,53 +143,26 @@ def test_download_errors(client: LabelStudioClient, label_studio: Any) -> None:
     assert label_studio.token not in str(err.value)
 
 
-class _Recorder(http.server.BaseHTTPRequestHandler):
-    seen: list[dict[str, str]] = []
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server API)
-        _Recorder.seen.append(dict(self.headers))
-        if self.path.startswith("/missing"):
-            self.send_error(404)
-            return
-        body = _png(COLORS[4])
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.mark.parametrize("kind", ["legacy", "pat"])
 def test_third_party_urls_never_get_the_key(label_studio: Any, kind: str) -> None:
     """A third-party image host (a different origin: localhost, not 127.0.0.1) must not see LS credentials.
 
     It is on loopback, so SSRF protection refuses it until the user allowlists it (ISAL_IMAGE_HOSTS_ALLOWED)."""
     key = label_studio.token if kind == "legacy" else label_studio.personal_access_token()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        _Recorder.seen.clear()
-        url = f"http://localhost:{server.server_address[1]}/img.png?sig=abc"
+    with serve() as server:
+        url = server.url("/img.png?sig=abc", host="localhost")
         with LabelStudioClient(label_studio.url, key, retries=0) as guarded, \
                 pytest.raises(DownloadError, match="refused: host localhost resolves to 127.0.0.1, a loopback"):
             guarded.download(url)
-        assert _Recorder.seen == []
-        client = LabelStudioClient(label_studio.url, key, retries=0,
-                                   download_policy=DownloadPolicy(allowed=("localhost",)))
-        assert decode_image(client.download(url), url).getpixel((0, 0)) == COLORS[4]
-        with pytest.raises(DownloadError, match="HTTP 404"):
-            client.download(f"http://localhost:{server.server_address[1]}/missing.png")
-        client.close()
-        assert len(_Recorder.seen) == 2
-        for headers in _Recorder.seen:
-            assert not {k.lower() for k in headers} & {"authorization", "cookie", "x-api-key"}
-    finally:
-        server.shutdown()
-        server.server_close()
+        assert server.requests == []
+        with LabelStudioClient(label_studio.url, key, retries=0,
+                               download_policy=DownloadPolicy(allowed=("localhost",))) as client:
+            assert decode_image(client.download(url), url).getpixel((0, 0)) == (10, 200, 30)  # loopback_http.png()
+            with pytest.raises(DownloadError, match="HTTP 404"):
+                client.download(server.url("/missing.png", host="localhost"))
+        assert len(server.requests) == 2
+        for request in server.requests:
+            assert not {k.lower() for k in request["headers"]} & {"authorization", "cookie", "x-api-key"}
 
 
 def test_list_tasks_with_annotations(client: LabelStudioClient, api: Api) -> None:
