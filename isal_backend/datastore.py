@@ -37,6 +37,12 @@ class Datastore(Protocol):
         """The bytes behind a task's image reference."""
         ...
 
+    def make_room(self, model_version: str) -> int:
+        """Before ``model_version`` is written, delete what would leave more than two rounds' predictions
+        (every version but the one served now); returns how many were deleted. The round calls it on a
+        thread at its start, while it computes, and writes only once it has returned."""
+        ...
+
     def write(self, model_version: str, predictions: Sequence[Mapping[str, Any]]) -> int:
         """Create ``predictions`` (``{"task", "model_version", "score", "result"}``) and serve them.
 

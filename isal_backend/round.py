@@ -10,7 +10,9 @@ One round runs every task kind; it reads like its data path, each step timed int
 4. **s_test**: for ISAL, the influence problems on a held-out or cross-fitted reference set, solved;
 5. **score** and **order**: the strategy orders the pool through the kind's view of it;
 6. **write back**: one prediction for each of the top tasks (pre-label as ``result``, rank mapped
-   into [0, 1] as ``score``, the round id as ``model_version``), then the stream serves them;
+   into [0, 1] as ``score``, the round id as ``model_version``), then the stream serves them; what
+   would leave more than two rounds' predictions in the datastore is deleted first, on a thread started
+   with the round, so the write does not wait for it;
 7. **commit**: the round's artifacts to the model store, atomically (a killed round leaves the previous
    one current), the report for /metrics and its line in the project's history (the dashboard's curve);
    then thumbnails of the stream's head for the dashboard, and older rounds' predictions are cleaned up.
@@ -26,6 +28,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -100,6 +103,15 @@ def newest_annotation(tasks: list[dict[str, Any]]) -> str | None:
     return max((t for t in times if t), default=None, key=ls_moment)  # as times: LS may drop the fraction
 
 
+def in_background(call: Callable[[str], int], argument: str) -> Future[int]:
+    """``call(argument)`` on a thread of its own, started now; the future holds its result."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isal-round")
+    try:
+        return pool.submit(call, argument)
+    finally:
+        pool.shutdown(wait=False)  # the thread ends with the call
+
+
 class Timer:
     """Seconds per named step, for the report."""
 
@@ -158,6 +170,7 @@ class Round:
     def run(self) -> dict[str, Any]:
         timer = Timer()
         round_id = new_round_id()
+        room = in_background(self.datastore.make_room, round_id)  # while the round computes
         self.store.sweep_staging(self.project_id)
         with timer("fetch"):
             task = self.task()
@@ -219,6 +232,7 @@ class Round:
                 {"task": int(inputs.pool_ids[int(i)]), "model_version": round_id, "score": score, "result": result}
                 for i, score, result in zip(ordered.positions, scores, results, strict=True)
             ]
+            report.update(self.room_made(room))
             written = self.datastore.write(round_id, predictions)
         head, references = self.stream_head(task, tasks, predictions, ordered)
         report.update({
@@ -251,6 +265,15 @@ class Round:
             if isinstance(cleaned, dict):  # after the commit: in the status report, not the stored one
                 report["clean_up"] = cleaned
         return report
+
+    def room_made(self, room: Future[int]) -> dict[str, Any]:
+        """The report's word on :meth:`Datastore.make_room`; a failure costs only the bound, not the round."""
+        try:
+            deleted = room.result()
+        except Exception as exc:  # noqa: BLE001 - stale predictions cost space; the new order matters more
+            log.warning("project %s: deleting stale predictions before the write failed: %s", self.project_id, exc)
+            return {"make_room_error": str(exc)[:300]}
+        return {"made_room": deleted} if deleted else {}
 
     def chosen_write_size(self, labeled: int) -> tuple[int, str]:
         """(predictions to write, 0 for every task; why)."""

@@ -61,7 +61,7 @@ class Settings:
     basic_auth_pass: str | None = field(default=None, repr=False)
     write_top_m: int = 1000
     #: The fewest predictions a round writes, whatever the annotation rate (the adaptive size's floor).
-    write_min: int = 50
+    write_min: int = 20
     backbone: str = "efficientnet-lite0"
     #: Input size of the classification backbone; None = its native size (128 px for EfficientNet-Lite0).
     image_size: int | None = None
@@ -94,6 +94,8 @@ class Settings:
     lease_seconds: float = 30.0
     job_retries: int = 3
     embedded_threads: int = 2
+    #: Niceness added to the threads that run rounds (0-19): Label Studio on the same host answers first.
+    worker_nice: int = 10
     retry_backoff: tuple[int, ...] = (10, 60, 300)
     shard_size: int = 2000
     #: New images a round featurizes before it orders (0: all); the rest follow in the next rounds.
@@ -168,7 +170,7 @@ class Settings:
                 "set both BASIC_AUTH_USER and BASIC_AUTH_PASS to enable basic auth, or neither to disable it"
             )
         write_top_m = r.integer("ISAL_WRITE_TOP_M", 1000, minimum=0, hint="0 writes every task")
-        write_min = r.integer("ISAL_WRITE_MIN", 50, minimum=1, hint="predictions a round writes at least")
+        write_min = r.integer("ISAL_WRITE_MIN", 20, minimum=1, hint="predictions a round writes at least")
         if write_top_m and write_min > write_top_m:
             raise SettingsError(f"ISAL_WRITE_MIN={write_min} is above ISAL_WRITE_TOP_M={write_top_m}: the floor of "
                                 "the predictions a round writes cannot exceed their cap; lower ISAL_WRITE_MIN")
@@ -209,6 +211,8 @@ class Settings:
             lease_seconds=r.positive_float("ISAL_LEASE_SECONDS", 30.0),
             job_retries=r.integer("ISAL_JOB_RETRIES", 3, minimum=0),
             embedded_threads=r.integer("ISAL_EMBEDDED_THREADS", 2, minimum=1),
+            worker_nice=r.integer("ISAL_WORKER_NICE", 10, minimum=0, maximum=19,
+                                  hint="0 keeps the default priority"),
             retry_backoff=r.int_list("ISAL_RETRY_BACKOFF", (10, 60, 300)),
             full_resync_seconds=r.seconds("ISAL_FULL_RESYNC_SECONDS", 3600.0),
             delete_old_predictions=r.choice("ISAL_DELETE_OLD_PREDICTIONS", "true", ("true", "false")) == "true",
@@ -288,7 +292,7 @@ class _Reader:
             )
         return value
 
-    def integer(self, name: str, default: int, minimum: int, hint: str = "") -> int:
+    def integer(self, name: str, default: int, minimum: int, hint: str = "", maximum: int | None = None) -> int:
         value = self._raw(name)
         if value is None:
             return default
@@ -296,9 +300,10 @@ class _Reader:
             number = int(value)
         except ValueError:
             number = None
-        if number is None or number < minimum:
+        if number is None or number < minimum or (maximum is not None and number > maximum):
             extra = f" ({hint})" if hint else ""
-            raise self._fail(name, value, f"is not an integer >= {minimum}", f"set it to e.g. {default}{extra}")
+            bounds = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+            raise self._fail(name, value, f"is not an integer {bounds}", f"set it to e.g. {default}{extra}")
         return number
 
     def optional_integer(self, name: str, minimum: int, hint: str = "") -> int | None:

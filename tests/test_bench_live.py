@@ -41,6 +41,9 @@ def test_bench_live_tiny_run_writes_its_figures(tmp_path: Path) -> None:
     assert isinstance(figures["ls_5xx"], int) and figures["ls_5xx"] == 0
     assert figures["first_served_order"] == "cold-start", figures["first_served_orders"]
     assert 0 < figures["max_predictions_in_ls"] <= 2 * WRITE_TOP_M
+    assert 10 <= figures["max_write_size"] <= WRITE_TOP_M
+    ratio = figures["max_predictions_in_ls"] / figures["max_write_size"]
+    assert figures["predictions_per_write_size"] == round(ratio, 2)
     assert figures["freshness_seconds"] and all(isinstance(f, float) and f > 0 for f in figures["freshness_seconds"])
     for arm in ("stream", "random"):
         curve = figures[f"{arm}_accuracy"]

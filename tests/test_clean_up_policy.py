@@ -30,9 +30,18 @@ class FakeClient:
             report.calls += 1
         return report
 
+    def import_predictions(self, project_id: int, predictions: list[dict]) -> int:
+        self.held_while_writing = dict(self.versions)
+        for p in predictions:
+            self.versions[p["model_version"]] = self.versions.get(p["model_version"], 0) + 1
+        return len(predictions)
 
-def datastore(versions: dict[str, int]) -> LabelStudioDatastore:
-    return LabelStudioDatastore(FakeClient(versions), 1)  # type: ignore[arg-type]
+    def set_ordering(self, project_id: int, model_version: str) -> None:
+        self.ordering = model_version
+
+
+def datastore(versions: dict[str, int], make_room: bool = False) -> LabelStudioDatastore:
+    return LabelStudioDatastore(FakeClient(versions), 1, make_room=make_room)  # type: ignore[arg-type]
 
 
 def test_the_previous_version_is_the_newest_older_round() -> None:
@@ -59,3 +68,36 @@ def test_a_newer_round_waiting_leaves_only_the_previous_version() -> None:
     store.clean_up("isal-5", stop=lambda: True)
     assert store.client.versions == {"isal-4": 60, "isal-5": 60}
 
+
+
+def predictions(version: str, count: int) -> list[dict]:
+    return [{"task": i, "model_version": version, "score": 0.0, "result": []} for i in range(count)]
+
+
+def test_after_a_cut_short_clean_up_making_room_leaves_only_the_served_round() -> None:
+    """The round that waited finds its predecessor's predecessor still there: it goes before the write, so Label
+    Studio never holds three rounds at once (bench live saw 3 x the write size in that moment)."""
+    store = datastore({"isal-2": 50, "isal-3": 50, "other": 2}, make_room=True)
+    assert store.make_room("isal-4") == 52
+    assert store.write("isal-4", predictions("isal-4", 50)) == 50
+    assert store.client.held_while_writing == {"isal-3": 50}  # the served round stays until the new one is
+    assert store.client.versions == {"isal-3": 50, "isal-4": 50}
+    assert store.client.ordering == "isal-4"
+    assert store.room_made is not None and store.room_made.deleted == 52
+
+
+def test_with_nothing_in_the_way_making_room_deletes_nothing() -> None:
+    store = datastore({"isal-3": 50}, make_room=True)
+    assert store.make_room("isal-4") == 0 and store.room_made is None
+    first = datastore({}, make_room=True)
+    assert first.make_room("isal-1") == 0  # the first round of a project
+    first.write("isal-1", predictions("isal-1", 10))
+    assert first.client.versions == {"isal-1": 10}
+
+
+def test_without_make_room_nothing_is_deleted_before_a_write() -> None:
+    """ISAL_DELETE_OLD_PREDICTIONS=false: the datastore is made without make_room and keeps everything."""
+    store = datastore({"isal-2": 50, "isal-3": 50})
+    assert store.make_room("isal-4") == 0
+    store.write("isal-4", predictions("isal-4", 5))
+    assert store.client.held_while_writing == {"isal-2": 50, "isal-3": 50}

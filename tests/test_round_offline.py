@@ -113,6 +113,46 @@ def test_a_round_again_on_the_same_state_gives_the_same_order_and_reuses_the_pro
     assert second["warm_start"] is True and first["round_id"] != second["round_id"]
 
 
+class WatchedDatastore(OfflineDatastore):
+    """Records the versions held when each write begins."""
+
+    def write(self, model_version: str, predictions: Any) -> int:
+        self.held = getattr(self, "held", []) + [sorted(self._predictions)]
+        return super().write(model_version, predictions)
+
+
+def test_a_round_makes_room_so_a_write_never_finds_more_than_the_served_round(tmp_path: Path) -> None:
+    """Two rounds without clean-up (a newer round kept waiting) leave two versions; the third round deletes
+    the older before it writes, so no more than two rounds' predictions exist, not even mid-write."""
+    project = Project(seed=4)
+    datastore = WatchedDatastore(4, label_config("classification", CLASSES), {i: f"img-{i}" for i in project.truth},
+                                 project.blobs.__getitem__)
+    project.datastore = datastore
+    project.label(range(1, 25))
+    store = ModelStore(tmp_path)
+    first = Round(4, datastore, store, settings(tmp_path), write_size=5).run()
+    second = Round(4, datastore, store, settings(tmp_path), write_size=5).run()
+    assert datastore.held == [[], [first["model_version"]]]
+    third = Round(4, datastore, store, settings(tmp_path), write_size=5).run()
+    assert datastore.held[-1] == [second["model_version"]] and third["made_room"] == 5
+    assert sorted(datastore._predictions) == [second["model_version"], third["model_version"]]
+    assert datastore.served == third["model_version"]
+
+
+class BrokenRoomDatastore(OfflineDatastore):
+    def make_room(self, model_version: str) -> int:
+        raise ConnectionError("Label Studio went away for a moment")
+
+
+def test_a_failure_to_make_room_costs_the_bound_not_the_round(tmp_path: Path) -> None:
+    project = Project(seed=5)
+    project.datastore = BrokenRoomDatastore(4, label_config("classification", CLASSES),
+                                            {i: f"img-{i}" for i in project.truth}, project.blobs.__getitem__)
+    project.label(range(1, 25))
+    report = Round(4, project.datastore, ModelStore(tmp_path), settings(tmp_path), write_size=5).run()
+    assert report["written"] == 5 and "went away" in report["make_room_error"]
+
+
 def test_a_baseline_round_stores_its_keys_so_new_tasks_are_placed_by_them(tmp_path: Path) -> None:
     project = Project(seed=2)
     project.label(range(1, 25))

@@ -69,5 +69,5 @@ def test_bad_floors_are_refused_naming_the_variable(env: dict, needle: str) -> N
 
 
 def test_the_floor_is_read() -> None:
-    assert Settings.from_env({}).write_min == 50
+    assert Settings.from_env({}).write_min == 20
     assert Settings.from_env({"ISAL_WRITE_MIN": "5", "ISAL_WRITE_TOP_M": "0"}).write_min == 5

@@ -56,8 +56,10 @@ from isal_backend.bench.stack import (
     start_label_studio,
     start_worker,
 )
+from isal_backend.history import HistoryReader
 from isal_backend.labelstudio.client import LabelStudioClient
 from isal_backend.store import ModelStore
+from isal_backend.times import parse_time
 
 TEST_SIZE = 500
 QUICK = {"tasks": 300, "labels": 50, "every": 25, "pause": 0.5}
@@ -165,9 +167,15 @@ class Run:
     labels: int
     errors: list[int] = field(default_factory=list)
     next_latencies: list[float] = field(default_factory=list)
+    #: Each stream /next as [unix time it was asked, milliseconds], to set beside ``rounds``.
+    next_timeline: list[list[float]] = field(default_factory=list)
+    #: The stream projects' rounds: [started, finished] (unix times) and their step timings.
+    rounds: list[dict[str, Any]] = field(default_factory=list)
     idle_latencies: list[float] = field(default_factory=list)
     freshness: list[float] = field(default_factory=list)
     max_predictions: int = 0
+    #: The largest adaptive write size of any stream round (the unit of the predictions target).
+    max_write_size: int = 0
     first_served: list[str] = field(default_factory=list)
 
     @property
@@ -241,9 +249,10 @@ class Run:
 
         def label_one(session: CountingSession) -> None:
             if arm == "stream":
-                start = time.perf_counter()
+                asked, start = time.time(), time.perf_counter()
                 task_id = int(session.call("GET", f"/api/projects/{project}/next")["id"])
                 self.next_latencies.append(time.perf_counter() - start)
+                self.next_timeline.append([round(asked, 3), round(1000 * self.next_latencies[-1], 1)])
             else:
                 with lock:
                     task_id = next(order)
@@ -283,6 +292,11 @@ class Run:
                       f"validation accuracy {report.get('validation_accuracy')}, order {report.get('order')})",
                       flush=True)
         self.max_predictions = max(self.max_predictions, count.maximum)
+        history = HistoryReader().read(self.store.project_dir(project))
+        sizes = [int(r["write_size"]) for r in history if isinstance(r.get("write_size"), int) and r["write_size"] > 0]
+        self.max_write_size = max([self.max_write_size, *sizes])
+        if arm == "stream":
+            self.rounds += [round_span(r) for r in history if r.get("finished_at") and r.get("seconds")]
         # /next with the backend idle (caught up), on the same project: asked after the labels, so the
         # probe's locks (Label Studio locks a served task for its user) never change what annotators get
         probe = NextProbe(self.admin, project)
@@ -300,6 +314,25 @@ class Run:
                 self.freshness.append(time.perf_counter() - submitted)
                 return
             time.sleep(0.05)
+
+
+def round_span(entry: dict[str, Any]) -> dict[str, Any]:
+    """A history line as the unix times it ran between, with its step timings (for ``next_timeline``)."""
+    when = parse_time(entry["finished_at"])
+    finished = when.timestamp() if when is not None else 0.0
+    return {"started": round(finished - float(entry["seconds"]), 3), "finished": round(finished, 3),
+            "timings": entry.get("timings", {}), "written": entry.get("written")}
+
+
+def slow_next_during(timeline: list[list[float]], rounds: list[dict[str, Any]], threshold_ms: float
+                     ) -> dict[str, int]:
+    """How many /next slower than ``threshold_ms`` were asked while a round ran, and how many with none running."""
+    out = {"during_a_round": 0, "between_rounds": 0}
+    for asked, ms in timeline:
+        if ms > threshold_ms:
+            during = any(r["started"] <= asked <= r["finished"] for r in rounds)
+            out["during_a_round" if during else "between_rounds"] += 1
+    return out
 
 
 def _mean_curve(curves: list[list[list[float]]]) -> list[list[float]]:
@@ -343,8 +376,12 @@ def run(tasks: int, labels: int, annotators: int, pause_s: float, seeds: int, ev
         "ls_5xx": len(live.errors),
         "next_p50_ms": _ms(live.next_latencies, 50), "next_p99_ms": _ms(live.next_latencies, 99),
         "next_samples": len(live.next_latencies),
+        "slow_next": slow_next_during(live.next_timeline, live.rounds, 2 * (_ms(live.idle_latencies, 99) or 0)),
+        "next_timeline": live.next_timeline, "rounds": live.rounds,
         "idle_next_p50_ms": _ms(live.idle_latencies, 50), "idle_next_p99_ms": _ms(live.idle_latencies, 99),
-        "max_predictions_in_ls": live.max_predictions,
+        "max_predictions_in_ls": live.max_predictions, "max_write_size": live.max_write_size,
+        "predictions_per_write_size": round(live.max_predictions / live.max_write_size, 2)
+        if live.max_write_size else None,
         "first_served_order": live.first_served[0], "first_served_orders": live.first_served,
         "freshness_seconds": fresh, "freshness_median_seconds": round(statistics.median(fresh), 3) if fresh else None,
         "stream_accuracy": _mean_curve(curves["stream"]), "random_accuracy": _mean_curve(curves["random"]),
@@ -392,5 +429,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"{tasks} tasks, {labels} labels, {args.annotators} annotator(s), Label Studio on {args.db}: held-out "
           f"accuracy stream {last['stream']} vs random {last['random']}; freshness median "
           f"{figures['freshness_median_seconds']} s; /next p99 {figures['next_p99_ms']} ms against "
-          f"{figures['idle_next_p99_ms']} ms idle; {figures['ls_5xx']} Label Studio 5xx; wrote {path} and {png}")
+          f"{figures['idle_next_p99_ms']} ms idle; at most {figures['max_predictions_in_ls']} predictions in Label "
+          f"Studio ({figures['predictions_per_write_size']} x the largest write size); {figures['ls_5xx']} Label "
+          f"Studio 5xx; wrote {path} and {png}")
     return 0

@@ -52,6 +52,10 @@ class OfflineDatastore:
     def image(self, reference: str) -> bytes:
         return self._images(reference)
 
+    def make_room(self, model_version: str) -> int:
+        old = [v for v in self._predictions if v not in (self.served, model_version)]
+        return sum(len(self._predictions.pop(v)) for v in old)
+
     def write(self, model_version: str, predictions: Sequence[Mapping[str, Any]]) -> int:
         if not predictions:
             return 0

@@ -51,7 +51,8 @@ def live_datastore(settings: Settings, project_id: int) -> LabelStudioDatastore:
     mirror = TaskMirror.shared(ModelStore(settings.model_dir).project_dir(project_id) / MIRROR_FILE)
     client = LabelStudioClient.from_settings(credentials.url, credentials.api_key, settings)
     return LabelStudioDatastore(client, project_id, mirror, settings.full_resync_seconds,
-                                FailedDownloads.for_project(settings, project_id))
+                                FailedDownloads.for_project(settings, project_id),
+                                make_room=settings.delete_old_predictions)
 
 
 def task_parts(settings: Settings, store: ModelStore, project_id: int) -> TaskParts:
@@ -90,7 +91,10 @@ def clean_up_policy(settings: Settings, datastore: LabelStudioDatastore) -> Call
         if done is not None and done.stopped:
             log.info("project %s: a newer round waits; the previous round's predictions are left to it",
                      datastore.project_id)
-        return done.as_dict() if done is not None else None
+        answer = done.as_dict() if done is not None else None
+        if datastore.room_made is not None:  # what the write had to delete first (a cut-short clean-up's rest)
+            answer = {**(answer or {}), "before_write": datastore.room_made.as_dict()}
+        return answer
 
     return clean_up
 

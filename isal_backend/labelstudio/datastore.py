@@ -25,8 +25,10 @@ class LabelStudioDatastore:
     """One project of one Label Studio, through :class:`LabelStudioClient` (no torch here)."""
 
     def __init__(self, client: LabelStudioClient, project_id: int, mirror: TaskMirror | None = None,
-                 resync_seconds: float = 3600.0, failures: FailedDownloads | None = None) -> None:
-        """``failures``: images that failed lately are not downloaded again (see FailedDownloads)."""
+                 resync_seconds: float = 3600.0, failures: FailedDownloads | None = None,
+                 make_room: bool = False) -> None:
+        """``failures``: images that failed lately are not downloaded again (see FailedDownloads).
+        ``make_room``: before a write, delete every version but the served one (see :meth:`make_room`)."""
         self.client = client
         self.project_id = int(project_id)
         self.mirror = mirror
@@ -35,6 +37,9 @@ class LabelStudioDatastore:
         self._project: dict[str, Any] | None = None
         self._fetch_report: dict[str, Any] = {}
         self.last_clean_up: CleanUpReport | None = None
+        self.makes_room = make_room
+        #: What the last :meth:`make_room` deleted (None: nothing was in the way).
+        self.room_made: CleanUpReport | None = None
 
     def __repr__(self) -> str:
         return f"LabelStudioDatastore({self.client!r}, project={self.project_id})"
@@ -76,6 +81,23 @@ class LabelStudioDatastore:
 
     def add(self, predictions: Sequence[Mapping[str, Any]]) -> int:
         return self.client.import_predictions(self.project_id, predictions) if predictions else 0
+
+    def make_room(self, model_version: str) -> int:
+        """Before ``model_version`` is written: delete every version but the one served now (the newest older
+        round), so that Label Studio never holds more than two rounds' predictions, not even for the
+        moment between a write and its clean-up. Only a round whose predecessor's clean-up was cut short (a
+        newer round waited) finds anything to delete; then it is usually one call of at most about 100
+        predictions, made while the round computes. What was done is :attr:`room_made` (None: nothing was
+        in the way, or the datastore was made without ``make_room``).
+        """
+        if not self.makes_room:
+            return 0
+        versions = self.client.model_versions(self.project_id)
+        served = previous_version(versions, model_version)
+        if served is None or set(versions) <= {served, model_version}:
+            return 0
+        self.room_made = self.client.delete_old_predictions(self.project_id, served, spare=[model_version])
+        return self.room_made.deleted
 
     def clean_up(self, keep: str, stop: Callable[[], bool] | None = None) -> int:
         """Delete older rounds' predictions in bounded calls, keeping ``keep``'s.

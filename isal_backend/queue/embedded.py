@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from isal_backend.priority import lower_priority
 from isal_backend.queue.base import KINDS, ROUND, SCORE, Outcome, Submission, failure_message, is_retryable, resolve
 from isal_backend.queue.context import JobContext, reset_current_job, set_current_job
 from isal_backend.settings import Settings
@@ -56,9 +57,11 @@ class EmbeddedCoalescer:
         backoff: tuple[int, ...] = (10, 60, 300),
         reconcile: Settings | None = None,
         threads: int = 2,
+        nice: int = 0,
     ) -> None:
         """``reconcile``: the settings to reconcile projects with (a thread checks them every
-        ``reconcile_seconds``; see :mod:`isal_backend.queue.reconcile`), or None for no reconciliation."""
+        ``reconcile_seconds``; see :mod:`isal_backend.queue.reconcile`), or None for no reconciliation.
+        ``nice``: added to the worker threads' niceness (the web server's threads keep theirs)."""
         self.targets = targets
         self.store = StatusStore(redis=None, prefix="", folder=status_folder)
         self.retries, self.backoff = retries, tuple(backoff) or (0,)
@@ -66,6 +69,7 @@ class EmbeddedCoalescer:
         self._items: list[_Item] = []
         self._projects: dict[int, _Project] = {}
         self.threads = max(1, int(threads))
+        self.nice = int(nice)
         self._workers: list[threading.Thread] = []
         self._reconcile_settings = reconcile if reconcile is not None and reconcile.reconcile_seconds > 0 else None
         self._reconcile_thread: threading.Thread | None = None
@@ -82,6 +86,7 @@ class EmbeddedCoalescer:
             backoff=settings.retry_backoff,
             reconcile=settings,
             threads=settings.embedded_threads,
+            nice=settings.worker_nice,
         )
 
     def submit(self, kind: str, project_id: int, task_ids: list[int] | None = None) -> Submission:
@@ -159,6 +164,7 @@ class EmbeddedCoalescer:
             return None
 
     def _loop(self) -> None:
+        lower_priority(self.nice)
         while (item := self._next_item()) is not None:
             try:
                 self._run(item)

@@ -29,6 +29,7 @@ from rq import Queue, SimpleWorker
 from rq.scheduler import SCHEDULER_KEY_TEMPLATE, RQScheduler
 from rq.scripts import release_lock
 
+from isal_backend.priority import lower_priority
 from isal_backend.queue.base import ROUND
 from isal_backend.queue.journal import Journal
 from isal_backend.queue.reconcile import Reconciler, RedisMemory
@@ -201,7 +202,8 @@ def main(args: argparse.Namespace) -> int:
         thread.start()
     worker = SimpleWorker([Queue(settings.rq_queue, connection=conn)], connection=conn,
                           name=getattr(args, "name", None))
-    logger.info("worker %s on queue %s (%r)", worker.name, settings.rq_queue, settings)
+    nice = lower_priority(settings.worker_nice)  # the jobs run on this thread; the sweeper's keep their priority
+    logger.info("worker %s on queue %s, niceness %d (%r)", worker.name, settings.rq_queue, nice, settings)
     try:
         # with_scheduler=False: RetryScheduler above is RQ's scheduler, run so that a dead worker cannot stall it.
         worker.work(burst=bool(getattr(args, "burst", False)), with_scheduler=False,
