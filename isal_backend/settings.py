@@ -132,6 +132,8 @@ class Settings:
     ssrf_protection: bool = True
     image_hosts_allowed: tuple[str, ...] = ()
     download_deadline_seconds: float = 30.0
+    #: Images a round downloads and decodes at once while it featurizes (the first round of an import).
+    download_threads: int = 4
     failed_image_retry_seconds: int = 3600
 
     def __repr__(self) -> str:
@@ -235,6 +237,8 @@ class Settings:
             ssrf_protection=r.choice("ISAL_SSRF_PROTECTION", "true", ("true", "false")) == "true",
             image_hosts_allowed=r.host_list("ISAL_IMAGE_HOSTS_ALLOWED"),
             download_deadline_seconds=r.positive_float("ISAL_DOWNLOAD_DEADLINE_SECONDS", 30.0),
+            download_threads=r.integer("ISAL_DOWNLOAD_THREADS", 4, minimum=1, maximum=64,
+                                       hint="images downloaded at once"),
             failed_image_retry_seconds=r.integer("ISAL_FAILED_IMAGE_RETRY_SECONDS", 3600, minimum=0,
                                                  hint="0 tries every failed image again every round"),
         )

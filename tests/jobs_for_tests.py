@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 
 from redis import Redis
@@ -51,7 +52,7 @@ def _observe(project_id: int, sleep_s: float, task_ids: list[int] | None = None)
     _record(
         event="end", project=project_id, job_id=ctx.job_id, kind=ctx.kind, events_seen=ctx.events_seen,
         events_in_redis=in_redis, concurrent=int(active), task_ids=task_ids, started=started, ended=time.time(),
-        took_over_from=ctx.took_over_from,
+        took_over_from=ctx.took_over_from, niceness=os.getpriority(os.PRIO_PROCESS, threading.get_native_id()),
     )
 
 

@@ -93,6 +93,30 @@ def test_a_slow_project_does_not_hold_back_another_projects_round(tmp_path):
         h.stop()
 
 
+def test_embedded_rounds_run_at_the_configured_niceness_and_the_caller_keeps_its_own(tmp_path):
+    h = Harness(str(tmp_path))
+    try:
+        os.environ["ISAL_TEST_RECORD_URL"] = h.env["ISAL_TEST_RECORD_URL"]
+        os.environ["ISAL_TEST_RECORD_KEY"] = h.env["ISAL_TEST_RECORD_KEY"]
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        co = EmbeddedCoalescer(
+            targets={ROUND: "tests.jobs_for_tests.record_round", "score": "tests.jobs_for_tests.noop_scoring"},
+            status_folder=Path(tmp_path) / "status", retries=0, threads=1, nice=4,
+        )
+        co.submit(ROUND, 3)
+        deadline = time.time() + 30
+        while not co.idle() and time.time() < deadline:
+            time.sleep(0.05)
+        ends = [r for r in h.records() if r["event"] == "end"]
+        assert [r["niceness"] for r in ends] == [min(19, base + 4)]
+        assert os.getpriority(os.PRIO_PROCESS, 0) == base
+        co.close()
+    finally:
+        for key in ("ISAL_TEST_RECORD_URL", "ISAL_TEST_RECORD_KEY"):
+            os.environ.pop(key, None)
+        h.stop()
+
+
 def test_embedded_crash_is_retried_then_reported(tmp_path):
     h = Harness(str(tmp_path))
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import urllib.request
@@ -218,6 +219,8 @@ def test_event_while_running_enqueues_one_waiting_job(harness):
     ends = [r for r in h.records() if r["event"] == "end"]
     assert [r["job_id"] for r in ends] == [first.job_id, more[0].job_id]
     assert ends[-1]["events_seen"] == 11 and all(r["concurrent"] == 1 for r in ends)
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # the workers' parent: the test process
+    assert all(r["niceness"] == min(19, base + 10) for r in ends)  # ISAL_WORKER_NICE's default
 
 
 def test_worker_command_without_redis_url_is_a_clear_settings_error(tmp_path):

@@ -21,6 +21,14 @@ def previous_version(versions: Iterable[str], current: str) -> str | None:
     return max(older, default=None)
 
 
+def annotation_count(project: Mapping[str, Any]) -> int | None:
+    """The project's annotations, cancelled ones included, as Label Studio counts them (None: not given)."""
+    done, skipped = project.get("total_annotations_number"), project.get("skipped_annotations_number")
+    if not isinstance(done, int) or not isinstance(skipped, int):
+        return None
+    return done + skipped
+
+
 class LabelStudioDatastore:
     """One project of one Label Studio, through :class:`LabelStudioClient` (no torch here)."""
 
@@ -57,9 +65,11 @@ class LabelStudioDatastore:
         if self.mirror is None:
             self._fetch_report = {"mode": "full", "reason": "no mirror"}
             return self.client.list_tasks(self.project_id)
-        number = self.project().get("task_number")
+        project = self.project()
+        number = project.get("task_number")
         self._fetch_report = sync(self.client, self.mirror, self.project_id,
-                                  int(number) if isinstance(number, int) else None, self.resync_seconds)
+                                  int(number) if isinstance(number, int) else None, self.resync_seconds,
+                                  annotation_count(project))
         return self.mirror.tasks()
 
     def fetch_report(self) -> dict[str, Any]:

@@ -33,6 +33,8 @@ ANNOTATION_FIELDS = ("id", "result", "was_cancelled", "created_at", "updated_at"
 #: Changes are read from this long before the newest one seen: a transaction that committed late with an
 #: earlier ``updated_at`` is still caught (re-reading a task is harmless).
 CURSOR_LAG = timedelta(seconds=5)
+#: How far back a sync re-reads every changed task when the annotation count disagrees (see :func:`sync`).
+RECHECK_WINDOW = timedelta(minutes=10)
 #: Label Studio's Data Manager datetime format (it refuses others).
 LS_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"
 RESYNC_MARKER = "mirror.resync"
@@ -111,6 +113,10 @@ class TaskMirror:
         with self._lock:
             return self._tasks.get(int(task_id))
 
+    def annotation_count(self) -> int:
+        """Annotations mirrored, cancelled ones included (what Label Studio's project counts add up to)."""
+        return sum(len(t.get("annotations") or []) for t in self.tasks())
+
     def ids(self) -> set[int]:
         with self._lock:
             self.refresh()
@@ -185,16 +191,23 @@ def request_resync(project_dir: Path) -> None:
 
 
 def sync(source: MirrorSource, mirror: TaskMirror, project_id: int, task_number: int | None,
-         resync_seconds: float) -> dict[str, Any]:
+         resync_seconds: float, annotation_number: int | None = None) -> dict[str, Any]:
     """Bring ``mirror`` up to date with Label Studio; returns what it did (for the round's report).
 
     * a full resync (every task, every annotation) when the mirror is empty, when the last one is older
       than ``resync_seconds`` (0: every time), or when one was requested (:func:`request_resync`);
     * otherwise the tasks whose ``updated_at`` moved since the newest change seen (Label Studio bumps it
       on every annotation saved, updated, skipped or deleted, and on import), with the annotations of
-      those that have or had any; then a count check against the project's ``task_number``: on a
-      mismatch (deleted tasks, or tasks a change query missed) the id list is compared and the
-      difference applied.
+      those that have or had any (by the row's counters, or because the mirror knew the task already);
+      then two checks against the project's counts, read before the sync:
+    * ``task_number``: on a mismatch (deleted tasks, or tasks a change query missed) the id list is
+      compared and the difference applied;
+    * ``annotation_number`` (the project's annotations, cancelled included, counted on Label Studio's
+      annotation table): a task's counters can still read 0 after its ``updated_at`` moved (seen on 1.23.2:
+      a round read a just-labeled task with ``total_annotations: 0``, so its label was never mirrored and
+      the cursor moved past it). When the mirror holds fewer (more is normal: annotations saved between
+      the count and the sync), every task changed within :data:`RECHECK_WINDOW` is read again with its
+      annotations, counters ignored; should it still hold fewer, a full resync.
     """
     started = time.perf_counter()
     marker = mirror.path.parent / RESYNC_MARKER
@@ -203,20 +216,13 @@ def sync(source: MirrorSource, mirror: TaskMirror, project_id: int, task_number:
     requested = marker.exists()
     due = resync_seconds <= 0 or time.time() - last_full > resync_seconds
     if not cursor or requested or due:
-        newest = source.newest_task_update(project_id)  # before the listing: later changes are re-read next time
-        tasks = [normalize(t) for t in source.list_tasks(project_id)]
-        mirror.apply(tasks, replace_all=True, meta={"cursor": newest or "", "full_synced_at": str(time.time())})
-        marker.unlink(missing_ok=True)
         reason = "requested" if requested else "first (or empty project)" if not cursor else "scheduled"
-        return {"mode": "full", "reason": reason, "tasks": len(tasks),
-                "seconds": round(time.perf_counter() - started, 4)}
+        return _full(source, mirror, project_id, marker, started, reason)
     rows = source.tasks_updated_since(project_id, _minus_lag(cursor))
-    need = [int(r["id"]) for r in rows
-            if int(r.get("total_annotations") or 0) + int(r.get("cancelled_annotations") or 0) > 0]
-    detailed = {int(t["id"]): t for t in source.tasks_with_annotations(project_id, need)} if need else {}
-    upserts = [normalize(r, (detailed.get(int(r["id"])) or {}).get("annotations") or []) for r in rows]
-    newest = max([cursor, *(str(r["updated_at"]) for r in rows if r.get("updated_at"))], key=ls_moment)
-    mirror.apply(upserts, meta={"cursor": newest})
+    known = mirror.ids()
+    need = [int(r["id"]) for r in rows if int(r["id"]) in known
+            or int(r.get("total_annotations") or 0) + int(r.get("cancelled_annotations") or 0) > 0]
+    _upsert(source, mirror, project_id, rows, need, cursor)
     report: dict[str, Any] = {"mode": "incremental", "changed": len(rows), "with_annotations": len(need)}
     if task_number is not None and len(mirror) != task_number:
         present = set(source.task_ids(project_id))
@@ -225,5 +231,35 @@ def sync(source: MirrorSource, mirror: TaskMirror, project_id: int, task_number:
         fetched = source.tasks_with_annotations(project_id, missing) if missing else []
         mirror.apply([normalize(t) for t in fetched], deletes=known - present)
         report.update({"count_check": "mismatch", "deleted": len(known - present), "added": len(fetched)})
+    if annotation_number is not None and mirror.annotation_count() < annotation_number:
+        mirrored = mirror.annotation_count()
+        since = (ls_moment(cursor).astimezone(UTC) - RECHECK_WINDOW).strftime(LS_TIME)
+        window = source.tasks_updated_since(project_id, since)
+        _upsert(source, mirror, project_id, window, [int(r["id"]) for r in window], cursor)
+        report["annotation_check"] = {"label_studio": annotation_number, "mirror": mirrored,
+                                      "rechecked": len(window), "after": mirror.annotation_count()}
+        if mirror.annotation_count() < annotation_number:
+            full = _full(source, mirror, project_id, marker, started, "annotation count still disagrees")
+            return {**full, "annotation_check": report["annotation_check"]}
+    report["annotations"] = mirror.annotation_count()
     report["seconds"] = round(time.perf_counter() - started, 4)
     return report
+
+
+def _upsert(source: MirrorSource, mirror: TaskMirror, project_id: int, rows: list[dict[str, Any]],
+            need: list[int], cursor: str) -> None:
+    """Mirror ``rows`` (changed tasks), with the annotations of the ``need`` ones read; move the cursor on."""
+    detailed = {int(t["id"]): t for t in source.tasks_with_annotations(project_id, need)} if need else {}
+    upserts = [normalize(r, (detailed.get(int(r["id"])) or {}).get("annotations") or []) for r in rows]
+    newest = max([cursor, *(str(r["updated_at"]) for r in rows if r.get("updated_at"))], key=ls_moment)
+    mirror.apply(upserts, meta={"cursor": newest})
+
+
+def _full(source: MirrorSource, mirror: TaskMirror, project_id: int, marker: Path, started: float,
+          reason: str) -> dict[str, Any]:
+    newest = source.newest_task_update(project_id)  # before the listing: later changes are re-read next time
+    tasks = [normalize(t) for t in source.list_tasks(project_id)]
+    mirror.apply(tasks, replace_all=True, meta={"cursor": newest or "", "full_synced_at": str(time.time())})
+    marker.unlink(missing_ok=True)
+    return {"mode": "full", "reason": reason, "tasks": len(tasks), "annotations": mirror.annotation_count(),
+            "seconds": round(time.perf_counter() - started, 4)}

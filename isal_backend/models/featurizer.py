@@ -12,6 +12,7 @@ import hashlib
 import shutil
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -62,13 +63,16 @@ class Featurizer:
     """Features of task images by reference; failures are returned, never raised.
 
     ``version``/``weights``: a fine-tuned backbone (ISAL_TRAIN_MODE=finetune) with its own cache folder;
-    ``image_size``: the backbone's input size (None: its native one), part of the cache folder's name.
+    ``image_size``: the backbone's input size (None: its native one), part of the cache folder's name;
+    ``load_threads``: images loaded at once (downloads wait on the network, not the CPU; the next batch
+    loads while the backbone runs on this one).
     """
 
     def __init__(self, backbone: str, cache_dir: str | Path, device: str = "cpu", batch_size: int = 64,
                  version: str = STOCK, weights: dict[str, torch.Tensor] | None = None,
-                 image_size: int | None = None) -> None:
+                 image_size: int | None = None, load_threads: int = 1) -> None:
         self.backbone_name = backbone
+        self.load_threads = max(1, int(load_threads))
         self.device = device
         self.batch_size = batch_size
         self.version = version
@@ -105,22 +109,42 @@ class Featurizer:
         if not references:
             return failures
         net, preprocess = self._loaded()
-        for start in range(0, len(references), self.batch_size):
-            batch_refs, arrays = [], []
-            for ref in references[start : start + self.batch_size]:
-                try:
-                    image = load(ref).convert("RGB").resize((preprocess.size, preprocess.size),
-                                                            Image.Resampling.BILINEAR)
-                except Exception as exc:  # noqa: BLE001 - every failure is reported per image
-                    failures[ref] = f"{type(exc).__name__}: {exc}"
+        size = preprocess.size
+
+        def pixels(ref: str) -> np.ndarray | str:
+            try:
+                image = load(ref).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            except Exception as exc:  # noqa: BLE001 - every failure is reported per image
+                return f"{type(exc).__name__}: {exc}"
+            return np.asarray(image, dtype=np.uint8)
+
+        batches = [references[i : i + self.batch_size] for i in range(0, len(references), self.batch_size)]
+        pool = ThreadPoolExecutor(self.load_threads, thread_name_prefix="isal-load") if self.load_threads > 1 else None
+
+        def loading(batch: list[str]) -> list[Future[np.ndarray | str]] | list[np.ndarray | str]:
+            return [pool.submit(pixels, ref) for ref in batch] if pool is not None else [pixels(r) for r in batch]
+
+        try:
+            ahead = loading(batches[0])
+            for n, batch in enumerate(batches):
+                loaded = [f.result() if isinstance(f, Future) else f for f in ahead]
+                if n + 1 < len(batches):
+                    ahead = loading(batches[n + 1])  # at most two batches of pixels in memory
+                batch_refs, arrays = [], []
+                for ref, got in zip(batch, loaded, strict=True):
+                    if isinstance(got, str):
+                        failures[ref] = got
+                    else:
+                        batch_refs.append(ref)
+                        arrays.append(got)
+                if not arrays:
                     continue
-                batch_refs.append(ref)
-                arrays.append(np.asarray(image, dtype=np.uint8))
-            if not arrays:
-                continue
-            feats = extract_features(net, preprocess, torch.from_numpy(np.stack(arrays)),
-                                     batch_size=self.batch_size, device=self.device)
-            self.cache.put_many([cache_key(r) for r in batch_refs], feats)
+                feats = extract_features(net, preprocess, torch.from_numpy(np.stack(arrays)),
+                                         batch_size=self.batch_size, device=self.device)
+                self.cache.put_many([cache_key(r) for r in batch_refs], feats)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         return failures
 
     def __call__(

@@ -106,7 +106,8 @@ class TaskParts:
     def stock_featurizer(self) -> Featurizer:
         if self.featurizer is None:
             self.featurizer = Featurizer(self.settings.backbone, self.project_dir / "features", self.settings.device,
-                                         image_size=self.settings.image_size)
+                                         image_size=self.settings.image_size,
+                                         load_threads=self.settings.download_threads)
         return self.featurizer
 
 

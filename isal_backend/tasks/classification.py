@@ -287,7 +287,7 @@ class ClassificationTask(Task[ClassificationInputs, ClassificationModel]):
         if model is not None and model.backbone_weights is not None and model.backbone_version:
             return Featurizer(self.settings.backbone, self.parts.project_dir / "features", self.settings.device,
                               version=model.backbone_version, weights=model.backbone_weights,
-                              image_size=self.settings.image_size)
+                              image_size=self.settings.image_size, load_threads=self.settings.download_threads)
         return self.parts.stock_featurizer()
 
     def features(self, split: Split[int], images: ImageSource,
@@ -342,7 +342,8 @@ class ClassificationTask(Task[ClassificationInputs, ClassificationModel]):
             weights, version, report["finetune"] = self._finetune(
                 featurizer, [by_id[i] for i in labeled_ids], refs, inputs.labeled_labels, load)
             tuned = Featurizer(self.settings.backbone, self.parts.project_dir / "features", self.settings.device,
-                               version=version, weights=weights, image_size=self.settings.image_size)
+                               version=version, weights=weights, image_size=self.settings.image_size,
+                               load_threads=self.settings.download_threads)
             tuned.compute(tuned.missing([refs[i] for i in labeled_ids + pool_ids]), load)
             inputs.rows = CachedRows(tuned.cache, tuned.model.feature_dim)
             inputs.backbone_weights, inputs.backbone_version = weights, version
