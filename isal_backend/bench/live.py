@@ -205,6 +205,9 @@ class Run:
 
         return wait_for(done, CATCH_UP_TIMEOUT_S, f"the backend caught up with {labeled} labels", poll_s=0.25)
 
+    def labeled_tasks(self, project: int) -> int:
+        return int(self.admin.call("GET", f"/api/projects/{project}")["num_tasks_with_annotations"])
+
     def accuracy(self, project: int) -> float:
         """The held-out pre-labels of the backend's current model against the truth."""
         hits = 0
@@ -286,7 +289,9 @@ class Run:
                     t.join()
                 labeled += chunk
                 watcher.join(timeout=CATCH_UP_TIMEOUT_S)
-                report = self.caught_up(project, labeled)
+                # the tasks Label Studio holds labels for: a submission it answered 500 may still have been
+                # saved, and the annotator's retry then labels that task twice
+                report = self.caught_up(project, self.labeled_tasks(project))
                 curve.append([labeled, round(self.accuracy(project), 4)])
                 print(f"{arm} seed {seed}: {labeled} labels, held-out accuracy {curve[-1][1]:.3f} (the round's "
                       f"validation accuracy {report.get('validation_accuracy')}, order {report.get('order')})",
