@@ -6,7 +6,7 @@ One round runs every task kind; it reads like its data path, each step timed int
    kind (one per labeling control tag) splits them into labeled, unlabeled and skipped (with why);
 2. **features**: what the model reads of each usable image (cached; a failed image is skipped);
 3. **fit**: the model for pre-labels, warm-started from the stored round, with its validation figure;
-   or the cold start (nothing to learn from yet: the order is core-set diversity on backbone features);
+   or the cold start (nothing to learn from yet: the order is typical-first on backbone features);
 4. **s_test**: for ISAL, the influence problems on a held-out or cross-fitted reference set, solved;
 5. **score** and **order**: the strategy orders the pool through the kind's view of it;
 6. **write back**: one prediction for each of the top tasks (pre-label as ``result``, rank mapped

@@ -74,7 +74,7 @@ class Settings:
     holdout_fraction: float = 0.2
     strategy: str = "isal"
     #: The order until a model can be had (no labels, one class): typical-first, core-set or random.
-    cold_start: str = "coreset"
+    cold_start: str = "typical"
     #: Rounds with fewer labels than this keep the cold-start order although a model can be had (0: none).
     warmup_labels: int = 0
     #: ISAL (classification): influence orders only the N x batch smallest-margin tasks (0: the whole pool).
@@ -196,7 +196,7 @@ class Settings:
             else r.integer("ISAL_TOP_K", 1, minimum=1, hint="or auto"),
             holdout_fraction=r.fraction("ISAL_HOLDOUT_FRACTION", 0.2),
             strategy=r.choice("ISAL_STRATEGY", "isal", KNOWN_STRATEGIES),
-            cold_start=r.choice("ISAL_COLD_START", "coreset", COLD_STARTS),
+            cold_start=r.choice("ISAL_COLD_START", "typical", COLD_STARTS),
             warmup_labels=r.integer("ISAL_WARMUP_LABELS", 0, minimum=0,
                                     hint="labels before a model orders the stream; 0: as soon as one can be had"),
             isal_shortlist=r.seconds("ISAL_SHORTLIST", 0.0),

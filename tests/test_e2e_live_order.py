@@ -49,7 +49,9 @@ def colour_tasks(n: int, seed: int) -> list[dict[str, str]]:
 def stack(label_studio: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = Stack(label_studio, tmp_path_factory.mktemp("e2e-live-order"))
     s.env.update({"ISAL_BACKBONE": "small-cnn", "ISAL_FEATURE_DIM": "16", "ISAL_WRITE_TOP_M": str(WRITE_CAP),
-                  "ISAL_WRITE_MIN": str(WRITE_MIN), "ISAL_SHARD_SIZE": "2000"})
+                  "ISAL_WRITE_MIN": str(WRITE_MIN), "ISAL_SHARD_SIZE": "2000",
+                  # core-set: its first pick is known beforehand, so the test can make sure it is not the lowest id
+                  "ISAL_COLD_START": "coreset"})
     s.start()
     try:
         yield s

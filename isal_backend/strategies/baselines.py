@@ -154,6 +154,8 @@ class TypicalStrategy(Strategy):
     needs_model = False
     MAX_CLUSTERS = 100
     NEIGHBOURS = 20
+    #: Members of a cluster its typicality is measured on (a cluster of 50,000 would need a 10 GB distance matrix).
+    SAMPLE = 2000
 
     def order(self, view: PoolView, count: int, seed: int) -> np.ndarray:
         pool, labeled = view.embeddings()
@@ -169,12 +171,16 @@ class TypicalStrategy(Strategy):
         if labeled.shape[0]:  # a cluster a label already sits in comes after the ones none does
             covered = {clusters[int(j)] for j in torch.cdist(labeled.float(), centroids).argmin(dim=1)}
         first: list[tuple[int, int, int]] = []  # (covered, -size, the cluster's most typical image)
+        rng = np.random.default_rng(seed)
         for cluster in clusters:
             members = torch.nonzero(assign == cluster).flatten()
+            size = len(members)
+            if size > self.SAMPLE:
+                members = members[torch.from_numpy(np.sort(rng.choice(len(members), self.SAMPLE, replace=False)))]
             distance = torch.cdist(x[members], x[members])
             nearest = distance.topk(min(self.NEIGHBOURS + 1, len(members)), largest=False).values[:, 1:]
             typicality = 1.0 / (nearest.mean(dim=1) + 1e-12) if nearest.shape[1] else torch.ones(len(members))
-            first.append((int(cluster in covered), -len(members), int(members[int(typicality.argmax())])))
+            first.append((int(cluster in covered), -size, int(members[int(typicality.argmax())])))
         picks = [i for _, _, i in sorted(first)][:count]
         if len(picks) >= count:
             return np.asarray(picks, dtype=np.int64)
