@@ -231,17 +231,18 @@ def sync(source: MirrorSource, mirror: TaskMirror, project_id: int, task_number:
         fetched = source.tasks_with_annotations(project_id, missing) if missing else []
         mirror.apply([normalize(t) for t in fetched], deletes=known - present)
         report.update({"count_check": "mismatch", "deleted": len(known - present), "added": len(fetched)})
-    if annotation_number is not None and mirror.annotation_count() < annotation_number:
-        mirrored = mirror.annotation_count()
+    mirrored = mirror.annotation_count()
+    if annotation_number is not None and mirrored < annotation_number:
         since = (ls_moment(cursor).astimezone(UTC) - RECHECK_WINDOW).strftime(LS_TIME)
         window = source.tasks_updated_since(project_id, since)
         _upsert(source, mirror, project_id, window, [int(r["id"]) for r in window], cursor)
-        report["annotation_check"] = {"label_studio": annotation_number, "mirror": mirrored,
-                                      "rechecked": len(window), "after": mirror.annotation_count()}
-        if mirror.annotation_count() < annotation_number:
+        check = {"label_studio": annotation_number, "mirror": mirrored, "rechecked": len(window)}
+        mirrored = check["after"] = mirror.annotation_count()
+        report["annotation_check"] = check
+        if mirrored < annotation_number:
             full = _full(source, mirror, project_id, marker, started, "annotation count still disagrees")
-            return {**full, "annotation_check": report["annotation_check"]}
-    report["annotations"] = mirror.annotation_count()
+            return {**full, "annotation_check": check}
+    report["annotations"] = mirrored
     report["seconds"] = round(time.perf_counter() - started, 4)
     return report
 
