@@ -11,6 +11,7 @@ influence order, lock-aware for a second annotator.
 from __future__ import annotations
 
 import io
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +55,13 @@ def bccd_files() -> list[tuple[str, bytes, list[dict[str, Any]]]]:
                                       "rectanglelabels": [CLASSES[label]]}})
         out.append((f"{name}.jpg", buf.getvalue(), regions))
     return out
+
+
+def downloads(stack: Stack, project: int) -> int:
+    """Images fetched from Label Studio over all of the project's stored rounds (at most five are kept)."""
+    rounds = Path(stack.model_dir / "projects" / str(project) / "rounds")
+    return sum(json.loads((r / "report.json").read_text()).get("images_downloaded", 0)
+               for r in rounds.iterdir() if (r / "report.json").exists())
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +110,10 @@ def test_detection_stream_follows_isal_end_to_end(stack: Stack) -> None:
     assert report["kind"] == "detection" and report["order"].startswith("isal:"), report
     assert report["unlabeled"] == IMAGES - ANNOTATED and report["written"] == IMAGES - ANNOTATED
     assert report["no_box"] == 0 and report["train_steps"] == 30
-    assert (report["images_downloaded"], report["image_cache_hits"]) == (IMAGES, 0)
+    # Each image crosses the network once: /setup's round and /train's may both have run (which one
+    # is the last depends on timing), and the later one reads the earlier one's downloads from the cache.
+    assert report["images_downloaded"] + report["image_cache_hits"] == IMAGES
+    assert downloads(stack, project) == IMAGES
     skipped = {s["task"]: s["reason"] for s in report["skipped"]}
     assert list(skipped) == [rotated_task] and "rotated rectangle (30 degrees) refused" in skipped[rotated_task]
     strangers = [n for n in report["notes"] if n["kind"] == "unknown_label"]
@@ -148,3 +159,4 @@ def test_detection_stream_follows_isal_end_to_end(stack: Stack) -> None:
     second_round = wait_for_round(stack, project, lambda r: r.get("labeled") == ANNOTATED, timeout_s=300)
     assert second_round["round_id"] != round_id and second_round["warm_start"] is True
     assert (second_round["images_downloaded"], second_round["image_cache_hits"]) == (0, IMAGES)
+    assert downloads(stack, project) == IMAGES
