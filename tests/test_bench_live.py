@@ -1,8 +1,8 @@
 """``bench live`` end to end on a real Label Studio: tiny sizes, so it checks the figures' shape, not their values.
 
-The annotators must see no Label Studio error, the first task served must be the cold-start round's first,
-the predictions Label Studio holds must stay within two rounds' writes, and both arms must have their
-accuracy checkpoints.
+The annotators must see no Label Studio error (nor on the baseline project no backend is connected to),
+the first task served must be the cold-start round's first, the predictions Label Studio holds must stay
+within two rounds' writes, and both arms must have their accuracy checkpoints.
 """
 
 from __future__ import annotations
@@ -36,8 +36,11 @@ def test_bench_live_tiny_run_writes_its_figures(tmp_path: Path) -> None:
     assert out.with_suffix(".png").stat().st_size > 0
 
     assert (figures["tasks"], figures["annotators"], figures["labels"]) == (120, 1, 20)
-    for key in ("next_p50_ms", "next_p99_ms", "idle_next_p50_ms", "idle_next_p99_ms"):
+    for key in ("next_p50_ms", "next_p99_ms", "idle_next_p50_ms", "idle_next_p99_ms", "alone_next_p50_ms",
+                "alone_next_p99_ms"):
         assert isinstance(figures[key], float) and figures[key] > 0, key
+    assert figures["next_p99_vs_alone"] == round(figures["next_p99_ms"] / figures["alone_next_p99_ms"], 2)
+    assert isinstance(figures["alone_5xx"], int) and figures["alone_5xx"] == 0
     assert isinstance(figures["ls_5xx"], int) and figures["ls_5xx"] == 0
     assert figures["first_served_order"] == "cold-start", figures["first_served_orders"]
     assert 0 < figures["max_predictions_in_ls"] <= 2 * WRITE_TOP_M

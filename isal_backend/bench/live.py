@@ -10,8 +10,11 @@ imported) are sent to ``/predict``: the accuracy of the pre-labels then depends 
 how fresh the model is. Freshness (submission to a new ``model_version``) is measured separately, on the
 first label after each checkpoint, when the backend is idle.
 
-Alongside: Label Studio's 5xx answers, ``/next`` as the annotators see it against ``/next`` with the
-backend idle (after each arm's labels), the most predictions a project held, and which order the first task came from.
+Alongside: Label Studio's 5xx answers, ``/next`` as the annotators see it against two baselines: ``/next``
+with the backend idle (one user, after each arm's labels) and **Label Studio alone** (the same annotators
+labeling the same way on a project with no backend connected, before any round ran: what Label Studio
+costs by itself under that load, 5xx included), the most predictions a project held, and which order the
+first task came from.
 """
 
 from __future__ import annotations
@@ -111,7 +114,7 @@ class CountingSession(Session):
 
     def __init__(self, url: str, token: str, errors: list[int]) -> None:
         super().__init__(url, token)
-        self.errors = errors
+        self.token, self.errors = token, errors
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         for _ in range(5):
@@ -172,6 +175,9 @@ class Run:
     #: The stream projects' rounds: [started, finished] (unix times) and their step timings.
     rounds: list[dict[str, Any]] = field(default_factory=list)
     idle_latencies: list[float] = field(default_factory=list)
+    #: /next on the project no backend is connected to, and Label Studio's 5xx answers there.
+    alone_latencies: list[float] = field(default_factory=list)
+    alone_errors: list[int] = field(default_factory=list)
     freshness: list[float] = field(default_factory=list)
     max_predictions: int = 0
     #: The largest adaptive write size of any stream round (the unit of the predictions target).
@@ -248,7 +254,6 @@ class Run:
 
         order = iter(random.Random(seed).sample(ids, len(ids)))
         lock = threading.Lock()
-        quota = [0]
 
         def label_one(session: CountingSession) -> None:
             if arm == "stream":
@@ -262,14 +267,6 @@ class Run:
             time.sleep(self.pause_s)  # the annotator looks at the image
             session.annotate(task_id, self.images.classes[truth[task_id]])
 
-        def annotator(session: CountingSession) -> None:
-            while True:
-                with lock:
-                    if quota[0] <= 0:
-                        return
-                    quota[0] -= 1
-                label_one(session)
-
         curve: list[list[float]] = []
         labeled = 0
         with PredictionCount(self.admin, project) as count:
@@ -281,12 +278,7 @@ class Run:
                 submitted = time.perf_counter()
                 watcher = threading.Thread(target=self._watch, args=(project, before, submitted), daemon=True)
                 watcher.start()
-                quota[0] = chunk - 1
-                threads = [threading.Thread(target=annotator, args=(s,)) for s in self.annotators]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
+                self._share(chunk - 1, label_one)
                 labeled += chunk
                 watcher.join(timeout=CATCH_UP_TIMEOUT_S)
                 # the tasks Label Studio holds labels for: a submission it answered 500 may still have been
@@ -310,6 +302,42 @@ class Run:
         self.idle_latencies += probe.latencies
         self.errors += probe.errors
         return curve
+
+    def alone(self) -> None:
+        """The annotators label ``labels`` tasks as ``/next`` serves them on a project no backend is connected
+        to: Label Studio's own ``/next`` and 5xx under the same load, the baseline of what the rounds cost."""
+        project, truth = self.new_project("bench live: Label Studio alone")
+        sessions = [CountingSession(s.url, s.token, self.alone_errors) for s in self.annotators]
+        by_user = dict(zip(self.annotators, sessions, strict=True))
+
+        def label_one(session: CountingSession) -> None:
+            mine = by_user[session]
+            start = time.perf_counter()
+            task_id = int(mine.call("GET", f"/api/projects/{project}/next")["id"])
+            self.alone_latencies.append(time.perf_counter() - start)
+            time.sleep(self.pause_s)
+            mine.annotate(task_id, self.images.classes[truth[task_id]])
+
+        self._share(self.labels, label_one)
+
+    def _share(self, count: int, label_one: Any) -> None:
+        """``count`` labels shared out among the annotators, each labeling one at a time until none are left."""
+        lock = threading.Lock()
+        left = [count]
+
+        def annotator(session: CountingSession) -> None:
+            while True:
+                with lock:
+                    if left[0] <= 0:
+                        return
+                    left[0] -= 1
+                label_one(session)
+
+        threads = [threading.Thread(target=annotator, args=(s,)) for s in self.annotators]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
 
     def _watch(self, project: int, before: str, submitted: float) -> None:
         session = CountingSession(self.ls.url, self.ls.token, self.errors)
@@ -365,6 +393,7 @@ def run(tasks: int, labels: int, annotators: int, pause_s: float, seeds: int, ev
                       for i in range(annotators)]
             live = Run(ls, backend.url, ModelStore(work / "models"), images, CountingSession(ls.url, ls.token, errors),
                        people, pause_s, every, labels, errors=errors)
+            live.alone()  # first: no round has run yet, nothing of ours competes with it
             curves: dict[str, list[list[list[float]]]] = {"stream": [], "random": []}
             for seed in range(seeds):
                 for arm in ("stream", "random"):
@@ -384,6 +413,10 @@ def run(tasks: int, labels: int, annotators: int, pause_s: float, seeds: int, ev
         "slow_next": slow_next_during(live.next_timeline, live.rounds, 2 * (_ms(live.idle_latencies, 99) or 0)),
         "next_timeline": live.next_timeline, "rounds": live.rounds,
         "idle_next_p50_ms": _ms(live.idle_latencies, 50), "idle_next_p99_ms": _ms(live.idle_latencies, 99),
+        "alone_next_p50_ms": _ms(live.alone_latencies, 50), "alone_next_p99_ms": _ms(live.alone_latencies, 99),
+        "alone_5xx": len(live.alone_errors),
+        "next_p99_vs_alone": round(_ms(live.next_latencies, 99) / _ms(live.alone_latencies, 99), 2)
+        if live.next_latencies and live.alone_latencies else None,
         "max_predictions_in_ls": live.max_predictions, "max_write_size": live.max_write_size,
         "predictions_per_write_size": round(live.max_predictions / live.max_write_size, 2)
         if live.max_write_size else None,
@@ -434,7 +467,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"{tasks} tasks, {labels} labels, {args.annotators} annotator(s), Label Studio on {args.db}: held-out "
           f"accuracy stream {last['stream']} vs random {last['random']}; freshness median "
           f"{figures['freshness_median_seconds']} s; /next p99 {figures['next_p99_ms']} ms against "
-          f"{figures['idle_next_p99_ms']} ms idle; at most {figures['max_predictions_in_ls']} predictions in Label "
+          f"{figures['idle_next_p99_ms']} ms idle and {figures['alone_next_p99_ms']} ms with Label Studio alone "
+          f"({figures['alone_5xx']} 5xx alone); at most {figures['max_predictions_in_ls']} predictions in Label "
           f"Studio ({figures['predictions_per_write_size']} x the largest write size); {figures['ls_5xx']} Label "
           f"Studio 5xx; wrote {path} and {png}")
     return 0
