@@ -78,11 +78,13 @@ class Settings:
     #: Rounds with fewer labels than this keep the cold-start order although a model can be had (0: none).
     warmup_labels: int = 0
     #: ISAL (classification): influence orders only the N x batch smallest-margin tasks (0: the whole pool).
-    isal_shortlist: float = 0.0
+    #: The three defaults below are the variant measured level with margin on clean pools and ahead of it
+    #: where annotators skip junk (README, Measured); 0 / 0 / False is the plain influence order.
+    isal_shortlist: float = 2.0
     #: ISAL: a task this similar (cosine) to one already in the batch waits (0: off).
-    isal_dedupe: float = 0.0
+    isal_dedupe: float = 0.95
     #: ISAL: tasks that look like the ones annotators skipped go after the others.
-    isal_skip_aware: bool = False
+    isal_skip_aware: bool = True
     train_mode: str = "head"
     device: str = "cpu"
     log_level: str = "INFO"
@@ -199,9 +201,9 @@ class Settings:
             cold_start=r.choice("ISAL_COLD_START", "typical", COLD_STARTS),
             warmup_labels=r.integer("ISAL_WARMUP_LABELS", 0, minimum=0,
                                     hint="labels before a model orders the stream; 0: as soon as one can be had"),
-            isal_shortlist=r.seconds("ISAL_SHORTLIST", 0.0),
-            isal_dedupe=r.fraction("ISAL_DEDUPE", 0.0),
-            isal_skip_aware=r.choice("ISAL_SKIP_AWARE", "false", ("true", "false")) == "true",
+            isal_shortlist=r.seconds("ISAL_SHORTLIST", 2.0),
+            isal_dedupe=r.fraction("ISAL_DEDUPE", 0.95),
+            isal_skip_aware=r.choice("ISAL_SKIP_AWARE", "true", ("true", "false")) == "true",
             train_mode=r.choice("ISAL_TRAIN_MODE", "head", TRAIN_MODES),
             finetune_epochs=r.integer("ISAL_FINETUNE_EPOCHS", 3, minimum=1),
             device=r.device("ISAL_DEVICE", "cpu"),
