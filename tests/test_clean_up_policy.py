@@ -4,7 +4,7 @@ Label Studio in test_labelstudio_e2e.py."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 
 from isal_backend.labelstudio.client import CleanUpReport
 from isal_backend.labelstudio.datastore import LabelStudioDatastore, previous_version
@@ -15,14 +15,19 @@ class FakeClient:
 
     def __init__(self, versions: dict[str, int]) -> None:
         self.versions = dict(versions)
+        self.reads = 0  # model-versions GETs (a query over the project's predictions each)
 
     def model_versions(self, project_id: int) -> dict[str, int]:
+        self.reads += 1
         return dict(self.versions)
 
     def delete_old_predictions(self, project_id: int, keep: str, spare: Collection[str] = (), batch: int = 100,
-                               stop: Callable[[], bool] | None = None) -> CleanUpReport:
+                               stop: Callable[[], bool] | None = None,
+                               versions: Mapping[str, int] | None = None) -> CleanUpReport:
         report = CleanUpReport()
-        for version in sorted(v for v in self.versions if v != keep and v not in spare):
+        known = dict(versions) if versions is not None else self.model_versions(project_id)
+        assert known == self.versions, "a caller passed versions that are not Label Studio's"
+        for version in sorted(v for v in known if v != keep and v not in spare):
             if stop is not None and stop():
                 report.stopped = True
                 break
@@ -56,6 +61,16 @@ def test_without_a_newer_round_every_older_version_goes() -> None:
     assert store.clean_up("isal-3", stop=lambda: False) == 103
     assert store.client.versions == {"isal-3": 50}
     assert store.last_clean_up is not None and not store.last_clean_up.stopped
+
+
+def test_a_clean_up_reads_the_versions_once() -> None:
+    """Each model-versions GET is a query over the project's predictions, beside the annotators' /next."""
+    store = datastore({"isal-1": 20, "isal-2": 20, "isal-3": 20})
+    store.clean_up("isal-3", stop=lambda: False)
+    assert store.client.versions == {"isal-3": 20} and store.client.reads == 1
+    made = datastore({"isal-3": 20, "isal-4": 20}, make_room=True)
+    made.make_room("isal-5")
+    assert made.client.reads == 1
 
 
 def test_a_newer_round_waiting_leaves_only_the_previous_version() -> None:

@@ -296,7 +296,8 @@ class LabelStudioClient:
 
     def delete_old_predictions(self, project_id: int, keep: str, spare: Collection[str] = (),
                                batch: int = DELETE_BATCH, stop: Callable[[], bool] | None = None,
-                               pause: float = DELETE_PAUSE_S) -> CleanUpReport:
+                               pause: float = DELETE_PAUSE_S, versions: Mapping[str, int] | None = None
+                               ) -> CleanUpReport:
         """Delete the predictions of every model version but ``keep`` and ``spare``, oldest version first, in
         calls that each delete at most about ``batch`` predictions, so Label Studio's database is never held
         for long; ``stop`` is asked before each call (True: leave the rest for later).
@@ -307,9 +308,11 @@ class LabelStudioClient:
         (it deletes every prediction of a task), then ``DELETE /api/predictions/<id>/`` for its predictions on
         tasks that do (one call each, about 0.1 s, 10x slower per prediction). ``pause`` seconds pass between
         calls, so Label Studio's own writes (an annotator's /next) get the database in between. Refuses when
-        ``keep`` has no predictions, since deleting the rest would leave the stream unordered.
+        ``keep`` has no predictions, since deleting the rest would leave the stream unordered. ``versions``:
+        :meth:`model_versions` as the caller just read it (each read is a query over the project's
+        predictions, and a round's clean-up would otherwise make three).
         """
-        versions = self.model_versions(project_id)
+        versions = dict(versions) if versions is not None else self.model_versions(project_id)
         if keep not in versions:
             raise LabelStudioError(f"refusing to delete predictions of project {project_id}: the version to keep, "
                                    f"{keep!r}, has no predictions (versions: {sorted(versions)})")

@@ -106,7 +106,8 @@ class LabelStudioDatastore:
         served = previous_version(versions, model_version)
         if served is None or set(versions) <= {served, model_version}:
             return 0
-        self.room_made = self.client.delete_old_predictions(self.project_id, served, spare=[model_version])
+        self.room_made = self.client.delete_old_predictions(self.project_id, served, spare=[model_version],
+                                                            versions=versions)
         return self.room_made.deleted
 
     def clean_up(self, keep: str, stop: Callable[[], bool] | None = None) -> int:
@@ -116,11 +117,13 @@ class LabelStudioDatastore:
         deletes it then); every older one goes regardless, so at most two rounds' predictions stay.
         The report of what was done is :attr:`last_clean_up`.
         """
-        versions = self.client.model_versions(self.project_id)
+        versions = self.client.model_versions(self.project_id)  # read once: the calls below are given it
         previous = previous_version(versions, keep)
-        report = self.client.delete_old_predictions(self.project_id, keep, spare=[previous] if previous else [])
-        if previous is not None:
-            later = self.client.delete_old_predictions(self.project_id, keep, stop=stop)
+        report = self.client.delete_old_predictions(self.project_id, keep, spare=[previous] if previous else [],
+                                                    versions=versions)
+        if previous is not None:  # every other version is gone now
+            left = {v: n for v, n in versions.items() if v in (keep, previous)}
+            later = self.client.delete_old_predictions(self.project_id, keep, stop=stop, versions=left)
             report = CleanUpReport(report.deleted + later.deleted, report.calls + later.calls,
                                    round(report.seconds + later.seconds, 4),
                                    max(report.longest_call_seconds, later.longest_call_seconds), later.stopped,
