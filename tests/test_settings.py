@@ -28,6 +28,9 @@ def test_defaults():
     assert s.round_job == "isal_backend.jobs.entry.run_round"
     assert s.score_job == "isal_backend.jobs.entry.score_new_tasks"
     assert (s.image_size, s.feature_dim, s.weight_decay, s.detection_first_steps) == (None, 128, 1e-2, 150)
+    # the isal variant the README measures as the default (bench al, 10 seeds), in both places defaults live
+    assert (s.isal_shortlist, s.isal_dedupe, s.isal_skip_aware, s.cold_start) == (2.0, 0.95, True, "typical")
+    assert (Settings().isal_shortlist, Settings().isal_dedupe, Settings().isal_skip_aware) == (2.0, 0.95, True)
 
 
 def test_every_variable_is_read():
