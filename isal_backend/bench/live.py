@@ -114,7 +114,7 @@ class CountingSession(Session):
 
     def __init__(self, url: str, token: str, errors: list[int]) -> None:
         super().__init__(url, token)
-        self.token, self.errors = token, errors
+        self.errors = errors
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         for _ in range(5):
@@ -307,18 +307,18 @@ class Run:
         """The annotators label ``labels`` tasks as ``/next`` serves them on a project no backend is connected
         to: Label Studio's own ``/next`` and 5xx under the same load, the baseline of what the rounds cost."""
         project, truth = self.new_project("bench live: Label Studio alone")
-        sessions = [CountingSession(s.url, s.token, self.alone_errors) for s in self.annotators]
-        by_user = dict(zip(self.annotators, sessions, strict=True))
 
         def label_one(session: CountingSession) -> None:
-            mine = by_user[session]
             start = time.perf_counter()
-            task_id = int(mine.call("GET", f"/api/projects/{project}/next")["id"])
+            task_id = int(session.call("GET", f"/api/projects/{project}/next")["id"])
             self.alone_latencies.append(time.perf_counter() - start)
             time.sleep(self.pause_s)
-            mine.annotate(task_id, self.images.classes[truth[task_id]])
+            session.annotate(task_id, self.images.classes[truth[task_id]])
 
+        before = len(self.errors)  # nothing else asks Label Studio meanwhile: the new errors are its own
         self._share(self.labels, label_one)
+        self.alone_errors = self.errors[before:]
+        del self.errors[before:]
 
     def _share(self, count: int, label_one: Any) -> None:
         """``count`` labels shared out among the annotators, each labeling one at a time until none are left."""
