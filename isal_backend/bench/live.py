@@ -27,6 +27,7 @@ import statistics
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,7 +321,7 @@ class Run:
         self.alone_errors = self.errors[before:]
         del self.errors[before:]
 
-    def _share(self, count: int, label_one: Any) -> None:
+    def _share(self, count: int, label_one: Callable[[CountingSession], None]) -> None:
         """``count`` labels shared out among the annotators, each labeling one at a time until none are left."""
         lock = threading.Lock()
         left = [count]
