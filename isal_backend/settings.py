@@ -201,7 +201,7 @@ class Settings:
             cold_start=r.choice("ISAL_COLD_START", "typical", COLD_STARTS),
             warmup_labels=r.integer("ISAL_WARMUP_LABELS", 0, minimum=0,
                                     hint="labels before a model orders the stream; 0: as soon as one can be had"),
-            isal_shortlist=r.seconds("ISAL_SHORTLIST", 2.0),
+            isal_shortlist=r.non_negative("ISAL_SHORTLIST", 2.0, "a multiple of the batch"),
             isal_dedupe=r.fraction("ISAL_DEDUPE", 0.95),
             isal_skip_aware=r.choice("ISAL_SKIP_AWARE", "true", ("true", "false")) == "true",
             train_mode=r.choice("ISAL_TRAIN_MODE", "head", TRAIN_MODES),
@@ -326,12 +326,16 @@ class _Reader:
 
     def seconds(self, name: str, default: float) -> float:
         """A non-negative, finite number of seconds (0 turns the periodic thing off)."""
+        return self.non_negative(name, default, "a number of seconds")
+
+    def non_negative(self, name: str, default: float, what: str) -> float:
+        """A non-negative, finite number, ``what`` naming it in the error (0 turns the thing off)."""
         value = self._raw(name)
         if value is None:
             return default
         number = _as_float(value)
         if not 0 <= number < float("inf"):
-            raise self._fail(name, value, "is not a number of seconds >= 0", f"set it to e.g. {default:g} (0: off)")
+            raise self._fail(name, value, f"is not {what} >= 0", f"set it to e.g. {default:g} (0: off)")
         return number
 
     def fraction(self, name: str, default: float) -> float:

@@ -70,6 +70,8 @@ def test_every_variable_is_read():
         ("ISAL_MAX_BODY_MB", "0", ">= 1"),
         ("ISAL_RECONCILE_SECONDS", "-1", ">= 0"),
         ("ISAL_RECONCILE_SECONDS", "inf", ">= 0"),
+        ("ISAL_RECONCILE_SECONDS", "x", "a number of seconds"),
+        ("ISAL_SHORTLIST", "-2", "a multiple of the batch >= 0"),
     ],
 )
 def test_bad_values_name_variable_value_and_fix(name, value, fix):
