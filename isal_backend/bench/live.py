@@ -274,7 +274,7 @@ class Run:
             while labeled < self.labels:
                 chunk = min(self.every, self.labels - labeled)
                 # freshness: the chunk's first label, submitted with the backend idle
-                before = self.admin.call("GET", f"/api/projects/{project}")["model_version"]
+                before = self.store.current_id(project)
                 label_one(self.annotators[0])
                 submitted = time.perf_counter()
                 watcher = threading.Thread(target=self._watch, args=(project, before, submitted), daemon=True)
@@ -317,7 +317,8 @@ class Run:
             session.annotate(task_id, self.images.classes[truth[task_id]])
 
         before = len(self.errors)  # nothing else asks Label Studio meanwhile: the new errors are its own
-        self._share(self.labels, label_one)
+        with PredictionCount(self.admin, project):  # the stream arm's observer, so both bear its load
+            self._share(self.labels, label_one)
         self.alone_errors = self.errors[before:]
         del self.errors[before:]
 
@@ -340,11 +341,14 @@ class Run:
         for t in threads:
             t.join()
 
-    def _watch(self, project: int, before: str, submitted: float) -> None:
-        session = CountingSession(self.ls.url, self.ls.token, self.errors)
+    def _watch(self, project: int, before: str | None, submitted: float) -> None:
+        """Freshness: until the backend commits a round after ``before`` (it serves the order just before).
+
+        Read from the model store, not Label Studio: polling Label Studio 20 times a second would load it
+        beside the annotators' ``/next`` in this arm only, and the ``alone`` baseline bears no such load."""
         deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
         while time.monotonic() < deadline:
-            if session.call("GET", f"/api/projects/{project}")["model_version"] != before:
+            if self.store.current_id(project) != before:
                 self.freshness.append(time.perf_counter() - submitted)
                 return
             time.sleep(0.05)
@@ -460,7 +464,7 @@ def main(args: argparse.Namespace) -> int:
         "isal-bench-live-", "bench live",
         lambda work: run(tasks, labels, args.annotators, pause, args.seeds, every, work, ls_venv, args.redis_url,
                          extra, args.db),
-        args.json)
+        args.json, keep=args.keep_workdir)
     path = Path(args.json)
     png = Path(args.png) if args.png else path.with_suffix(".png")
     plot(figures, png)
