@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "about five minutes")
     live.add_argument("--ls-venv", default=None, help="virtualenv with label-studio 1.23.2 (default $LS_VENV)")
     live.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    live.add_argument("--keep-workdir", action="store_true",
+                      help="keep the run's folder (the logs of Label Studio, the backend, the worker) and name it")
     live.add_argument("--env", action="append", metavar="NAME=VALUE",
                       help="a backend setting for this run (repeatable), e.g. --env ISAL_WRITE_TOP_M=100")
 

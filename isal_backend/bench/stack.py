@@ -211,12 +211,12 @@ def start_label_studio(ls_venv: Path, base: Path, database: str | None = None,
                        password=password, db_env=db_env)
 
 
-def run_in_workdir(prefix: str, what: str, run: Callable[[Path], dict[str, Any]], json_path: str | Path
-                   ) -> dict[str, Any]:
+def run_in_workdir(prefix: str, what: str, run: Callable[[Path], dict[str, Any]], json_path: str | Path,
+                   keep: bool = False) -> dict[str, Any]:
     """Run a benchmark of the live stack in a fresh temporary folder and write its figures to ``json_path``.
 
-    On failure the folder stays (it holds the logs of Label Studio, the backend and the workers) and is named;
-    on success it is removed.
+    On failure, or with ``keep``, the folder stays (it holds the logs of Label Studio, the backend and the
+    workers) and is named; otherwise it is removed.
     """
     work = Path(tempfile.mkdtemp(prefix=prefix))
     try:
@@ -224,7 +224,10 @@ def run_in_workdir(prefix: str, what: str, run: Callable[[Path], dict[str, Any]]
     except BaseException:
         print(f"{what} failed; the logs of Label Studio, the backend and the workers are in {work}")
         raise
-    shutil.rmtree(work, ignore_errors=True)
+    if keep:
+        print(f"{what}: the logs of Label Studio, the backend and the workers are in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     path = Path(json_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(figures, indent=2) + "\n")

@@ -584,8 +584,12 @@ class LabelStudioClient:
         made = 0
         for attempt in range(attempts):
             made = attempt + 1
+            start = time.perf_counter()
             try:
-                return fn()
+                answer = fn()
+                if not third_party:  # how long each call held Label Studio, to set beside annotators' requests
+                    log.debug("Label Studio: %s took %.3f s", what, time.perf_counter() - start)
+                return answer
             except ApiError as exc:
                 status = exc.status_code or 0
                 if status < 500:
