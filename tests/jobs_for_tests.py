@@ -44,7 +44,8 @@ def _observe(project_id: int, sleep_s: float, task_ids: list[int] | None = None)
         raw = r.hget(f"{prefix}:project:{project_id}", f"events_{ctx.kind}")
         in_redis = int(raw or 0)
     started = time.time()
-    _record(event="start", project=project_id, job_id=ctx.job_id, kind=ctx.kind, pid=os.getpid(), at=started)
+    _record(event="start", project=project_id, job_id=ctx.job_id, kind=ctx.kind, pid=os.getpid(), at=started,
+            activity=ctx.activity() if ctx.activity is not None else None)
     try:
         time.sleep(sleep_s)
     finally:

@@ -11,6 +11,7 @@ import urllib.request
 import pytest
 
 from isal_backend.bench.webhook_latency import measure_webhook_latency
+from isal_backend.pacing import KEEP_EVENTS
 from isal_backend.queue import ROUND
 from isal_backend.queue.redis_queue import RedisCoalescer
 from isal_backend.server import create_app
@@ -221,6 +222,26 @@ def test_event_while_running_enqueues_one_waiting_job(harness):
     assert ends[-1]["events_seen"] == 11 and all(r["concurrent"] == 1 for r in ends)
     base = os.getpriority(os.PRIO_PROCESS, 0)  # the workers' parent: the test process
     assert all(r["niceness"] == min(19, base + 10) for r in ends)  # ISAL_WORKER_NICE's default
+
+
+def test_annotator_events_reach_the_round_as_ages_on_redis_clock(harness):
+    """What the webhook notes, the project's round job reads as ages (newest first, the last few kept)."""
+    h = harness
+    co = _coalescer(h)
+    assert co.activity(6) == []
+    for _ in range(KEEP_EVENTS + 3):
+        co.note_activity(6)
+        time.sleep(0.01)
+    ages = co.activity(6)
+    assert len(ages) == KEEP_EVENTS and ages == sorted(ages) and ages[-1] - ages[0] >= 0.05
+    assert 0 < h.redis.pttl(co.activity_key(6)) <= 3600_000  # a project nobody labels leaves nothing behind
+    assert co.activity(7) == []
+    h.start_worker(f"w0-{h.tag}")
+    co.submit(ROUND, 6)
+    h.wait_quiet([6], timeout_s=30)
+    start = next(r for r in h.records() if r["event"] == "start")
+    assert len(start["activity"]) == KEEP_EVENTS and start["activity"] == sorted(start["activity"])
+    assert start["activity"][0] >= ages[0]  # older by the time the job took to start
 
 
 def test_worker_command_without_redis_url_is_a_clear_settings_error(tmp_path):

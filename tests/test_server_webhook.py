@@ -147,3 +147,16 @@ def test_deleted_tasks_lead_to_a_retrain() -> None:
     """Deleted tasks may have carried labels, and the stream must stop serving them."""
     event = parse_webhook({"action": "TASKS_DELETED", "project": {"id": 3}})
     assert event.retrain and event.project_id == 3
+
+
+def test_annotator_events_are_noted_for_pacing_and_imports_are_not(client):
+    """The queue keeps the times of the annotators' own acts (a round's calls wait around them), not imports'."""
+    coalescer = client.application.config["ISAL_STATE"].coalescer
+    client.post("/webhook", json=sample("TASKS_CREATED"))
+    client.post("/webhook", json=sample("START_TRAINING"))
+    assert coalescer.activity(1) == []
+    for action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"):
+        client.post("/webhook", json=sample(action))
+    ages = coalescer.activity(1)
+    assert len(ages) == 3 and ages == sorted(ages) and 0 <= ages[0] < 5  # newest first
+    assert coalescer.activity(2) == []

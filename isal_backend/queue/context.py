@@ -28,6 +28,8 @@ class JobContext:
     successor_waiting: Callable[[], bool] | None = None
     #: Queues another round of this project (absorbed if one already waits).
     submit_round: Callable[[], Any] | None = None
+    #: Seconds since each of the project's recent annotator events, newest first (isal_backend.pacing).
+    activity: Callable[[], list[float]] | None = None
 
     def superseded(self) -> bool:
         """True when a newer job of this kind waits: optional work (clean-up) can be left to it."""

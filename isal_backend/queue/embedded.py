@@ -14,10 +14,12 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from isal_backend.pacing import KEEP_EVENTS
 from isal_backend.priority import lower_priority
 from isal_backend.queue.base import KINDS, ROUND, SCORE, Outcome, Submission, failure_message, is_retryable, resolve
 from isal_backend.queue.context import JobContext, reset_current_job, set_current_job
@@ -43,6 +45,7 @@ class _Project:
     events: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     task_ids: set[int] = field(default_factory=set)
     counters: dict[str, int] = field(default_factory=dict)
+    activity: deque[float] = field(default_factory=lambda: deque(maxlen=KEEP_EVENTS))  # monotonic times
 
 
 class EmbeddedCoalescer:
@@ -107,6 +110,18 @@ class EmbeddedCoalescer:
             self._items.append(_Item(kind, pid, job_id))
             self._lock.notify_all()
             return Submission(kind, pid, job_id, "enqueued", proj.events[kind])
+
+    def note_activity(self, project_id: int) -> None:
+        """An annotator just submitted, updated or deleted an annotation: rounds pace their calls around it."""
+        with self._lock:
+            self._projects.setdefault(int(project_id), _Project()).activity.appendleft(time.monotonic())
+
+    def activity(self, project_id: int) -> list[float]:
+        """Seconds since each of the project's recent annotator events, newest first (see isal_backend.pacing)."""
+        now = time.monotonic()
+        with self._lock:
+            proj = self._projects.get(int(project_id))
+            return [now - t for t in proj.activity] if proj is not None else []
 
     def ensure_started(self) -> None:
         """Start the worker and reconciliation threads if they are not running (e.g. after a fork)."""
@@ -191,7 +206,8 @@ class EmbeddedCoalescer:
                 proj.task_ids.clear()
         ctx = JobContext(item.kind, item.project_id, item.job_id, events, task_ids, None, "embedded", self.store,
                          successor_waiting=lambda: item.kind in proj.pending,
-                         submit_round=lambda: self.submit(ROUND, item.project_id))
+                         submit_round=lambda: self.submit(ROUND, item.project_id),
+                         activity=lambda: self.activity(item.project_id))
         token = set_current_job(ctx)
         started = time.time()
         try:

@@ -33,6 +33,7 @@ from rq import Queue, Retry, get_current_job
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
+from isal_backend.pacing import KEEP_EVENTS
 from isal_backend.queue.base import KINDS, ROUND, SCORE, Outcome, Submission, failure_message, is_retryable, resolve
 from isal_backend.queue.context import JobContext, reset_current_job, set_current_job
 from isal_backend.settings import Settings
@@ -148,6 +149,19 @@ end
 return out
 """
 
+# An annotator's event (see isal_backend.pacing): its time on Redis's clock, the newest ARGV[1] kept.
+NOTE_ACTIVITY_LUA = _NOW + """
+redis.call('LPUSH', KEYS[1], now)
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+redis.call('PEXPIRE', KEYS[1], 3600000)
+return 1
+"""
+# Redis's clock now, then the kept events' times (newest first): their ages need no clock of ours.
+ACTIVITY_LUA = _NOW + """
+local out = {now}
+for _, v in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do table.insert(out, tonumber(v)) end
+return out
+"""
 CLEAR_PEND_LUA = """
 if redis.call('HGET', KEYS[1], 'pend_' .. ARGV[1]) == ARGV[2]
    and tonumber(redis.call('HGET', KEYS[1], 'plea_' .. ARGV[1]) or '0') == 0 then
@@ -196,6 +210,8 @@ class RedisCoalescer:
         self._finish = connection.register_script(FINISH_LUA)
         self._sweep = connection.register_script(SWEEP_LUA)
         self._clear_pend = connection.register_script(CLEAR_PEND_LUA)
+        self._note_activity = connection.register_script(NOTE_ACTIVITY_LUA)
+        self._activity = connection.register_script(ACTIVITY_LUA)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisCoalescer:
@@ -218,6 +234,9 @@ class RedisCoalescer:
 
     def score_ids_key(self, project_id: int) -> str:
         return f"{self.prefix}:project:{int(project_id)}:score_ids"
+
+    def activity_key(self, project_id: int) -> str:
+        return f"{self.prefix}:project:{int(project_id)}:activity"
 
     @property
     def projects_key(self) -> str:
@@ -248,6 +267,15 @@ class RedisCoalescer:
                 raise
             return Submission(kind, pid, returned_id, "enqueued", int(events))
         return Submission(kind, pid, returned_id, "absorbed", int(events))
+
+    def note_activity(self, project_id: int) -> None:
+        """An annotator just submitted, updated or deleted an annotation: rounds pace their calls around it."""
+        self._note_activity(keys=[self.activity_key(project_id)], args=[KEEP_EVENTS])
+
+    def activity(self, project_id: int) -> list[float]:
+        """Seconds since each of the project's recent annotator events, newest first (see isal_backend.pacing)."""
+        now, *stamps = (int(v) for v in self._activity(keys=[self.activity_key(project_id)]))
+        return [max(0.0, (now - stamp) / 1000) for stamp in stamps]
 
     def job_config(self, kind: str) -> dict[str, Any]:
         return {"prefix": self.prefix, "target": self.targets[kind], "lease_ms": self.lease_ms}
@@ -374,7 +402,8 @@ def run_job(kind: str, project_id: int, config: dict[str, Any]) -> dict[str, Any
     ctx = JobContext(kind, int(project_id), job.id, events, task_ids, took_over, "redis", co.status_store,
                      successor_waiting=lambda: bool(co.redis.hget(key, f"pend_{kind}")),
                      submit_round=lambda: RedisCoalescer.from_settings(Settings.from_env()).submit(
-                         ROUND, int(project_id), count_event=False))
+                         ROUND, int(project_id), count_event=False),
+                     activity=lambda: co.activity(int(project_id)))
     beat = _Heartbeat(lambda: co._heartbeat(keys=[key], args=[job.id, lease_ms]), lease_ms / 3000)
     beat.start()
     token = set_current_job(ctx)

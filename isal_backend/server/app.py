@@ -33,7 +33,7 @@ from isal_backend.server.durable import JOURNALED, DurableSubmitter
 from isal_backend.server.ls_link import ProjectLinks, SetupRefused
 from isal_backend.server.ls_ml import patched_app
 from isal_backend.server.metrics import WebhookMetrics, build_registry
-from isal_backend.server.webhook import MAX_ID, WebhookError, parse_webhook, shown
+from isal_backend.server.webhook import ANNOTATOR_ACTIONS, MAX_ID, WebhookError, parse_webhook, shown
 from isal_backend.settings import Settings, SettingsError, configure_logging, project_credentials
 from isal_backend.status import last_rounds, project_status
 
@@ -330,6 +330,8 @@ def webhook() -> tuple[Response, int]:
             result = "rejected"
             raise
         action = event.action
+        if action in ANNOTATOR_ACTIONS:
+            state.submitter.note_activity(event.project_id)
         jobs = []
         if action in FULL_RESYNC_ACTIONS:  # the user asked for a fresh look: the round rereads every task
             request_resync(state.settings.model_dir / "projects" / str(event.project_id))

@@ -93,6 +93,17 @@ class DurableSubmitter:
             self.replayer.ensure_started()
         return Submission(kind, project_id, "", JOURNALED, 0)
 
+    def note_activity(self, project_id: int) -> None:
+        """Tell the queue an annotator just acted (rounds pace their calls to Label Studio around it).
+
+        A courtesy, never a reason to fail the webhook: skipped while Redis is down, errors only logged."""
+        if self._breaker_open():
+            return
+        try:
+            self.coalescer.note_activity(project_id)
+        except Exception as exc:  # noqa: BLE001 - a lost note costs one round's pacing, nothing more
+            logger.debug("project %s: annotator activity not recorded: %r", project_id, exc)
+
     def _replay(self, event: JournaledEvent) -> None:
         self.coalescer.submit(event.kind, event.project_id, list(event.task_ids))
 

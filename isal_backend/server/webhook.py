@@ -16,6 +16,9 @@ RETRAIN_ACTIONS = frozenset(
      "TASKS_DELETED"}
 )
 SCORE_ACTIONS = frozenset({"TASKS_CREATED"})
+#: An annotator's own acts in the labeling UI, each followed at once by the UI asking for the next task:
+#: the rounds pace their calls to Label Studio around them (isal_backend.pacing).
+ANNOTATOR_ACTIONS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"})
 # Sent by Label Studio with send_for_all_actions: acknowledged, no job. PROJECT_UPDATED in particular is
 # sent for the backend's own project PATCHes: retraining on it would loop.
 IGNORED_ACTIONS = frozenset(
