@@ -39,8 +39,8 @@ class Datastore(Protocol):
 
     def make_room(self, model_version: str) -> int:
         """Before ``model_version`` is written, delete what would leave more than two rounds' predictions
-        (every version but the one served now); returns how many were deleted. The round calls it on a
-        thread at its start, while it computes, and writes only once it has returned."""
+        (every version but the one served now); returns how many were deleted. The round calls it just
+        before :meth:`write`."""
         ...
 
     def write(self, model_version: str, predictions: Sequence[Mapping[str, Any]]) -> int:

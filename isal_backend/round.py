@@ -11,11 +11,13 @@ One round runs every task kind; it reads like its data path, each step timed int
 5. **score** and **order**: the strategy orders the pool through the kind's view of it;
 6. **write back**: one prediction for each of the top tasks (pre-label as ``result``, rank mapped
    into [0, 1] as ``score``, the round id as ``model_version``), then the stream serves them; what
-   would leave more than two rounds' predictions in the datastore is deleted first, on a thread started
-   with the round, so the write does not wait for it;
+   would leave more than two rounds' predictions in the datastore is deleted first;
 7. **commit**: the round's artifacts to the model store, atomically (a killed round leaves the previous
    one current), the report for /metrics and its line in the project's history (the dashboard's curve);
    then thumbnails of the stream's head for the dashboard, and older rounds' predictions are cleaned up.
+
+Fetch and write-back are the steps that load the datastore: with a :class:`~isal_backend.pacing.Pacer`
+each waits (briefly, boundedly) for a moment when the project's annotators are not asking for tasks.
 
 The round knows no Label Studio (only the :class:`~isal_backend.datastore.Datastore` port) and no
 model internals (only the :class:`~isal_backend.tasks.base.Task` of the project's kind), so the
@@ -28,8 +30,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -41,6 +42,7 @@ from isal_backend.datastore import Datastore
 from isal_backend.history import HistoryReader
 from isal_backend.labelstudio.config import parse_project_config
 from isal_backend.labelstudio.convert import describe_result, ls_moment, rank_scores
+from isal_backend.pacing import Pacer, unpaced
 from isal_backend.settings import Settings
 from isal_backend.store import ImageCache, ModelStore
 from isal_backend.strategies.base import Strategy
@@ -103,15 +105,6 @@ def newest_annotation(tasks: list[dict[str, Any]]) -> str | None:
     return max((t for t in times if t), default=None, key=ls_moment)  # as times: LS may drop the fraction
 
 
-def in_background(call: Callable[[str], int], argument: str) -> Future[int]:
-    """``call(argument)`` on a thread of its own, started now; the future holds its result."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isal-round")
-    try:
-        return pool.submit(call, argument)
-    finally:
-        pool.shutdown(wait=False)  # the thread ends with the call
-
-
 class Timer:
     """Seconds per named step, for the report."""
 
@@ -149,12 +142,13 @@ class Round:
     project's own folders in ``store``. ``write_size``: predictions written (0: every task); by default
     :func:`adaptive_write_size` from the project's history, or every task when ISAL_WRITE_TOP_M is 0 (the
     benchmark passes its budget). ``clean_up`` runs after the commit (the job passes the clean-up policy,
-    the benchmark nothing).
+    the benchmark nothing). ``pacer``: fetch and write-back wait for the annotators (see
+    :mod:`isal_backend.pacing`); None: at once.
     """
 
     def __init__(self, project_id: int, datastore: Datastore, store: ModelStore, settings: Settings,
                  parts: TaskParts | None = None, write_size: int | None = None,
-                 clean_up: Callable[[str], Any] | None = None) -> None:
+                 clean_up: Callable[[str], Any] | None = None, pacer: Pacer | None = None) -> None:
         self.project_id = int(project_id)
         self.datastore = datastore
         self.store = store
@@ -162,6 +156,10 @@ class Round:
         self.parts = parts or TaskParts(settings, self.project_id, store.project_dir(self.project_id))
         self.write_size = write_size
         self.clean_up = clean_up
+        self.pacer = pacer
+
+    def paced(self, step: str) -> AbstractContextManager[None]:
+        return self.pacer.step(step) if self.pacer is not None else unpaced(step)
 
     def task(self) -> Task:
         """The project's task kind, from its label config."""
@@ -170,9 +168,8 @@ class Round:
     def run(self) -> dict[str, Any]:
         timer = Timer()
         round_id = new_round_id()
-        room = in_background(self.datastore.make_room, round_id)  # while the round computes
         self.store.sweep_staging(self.project_id)
-        with timer("fetch"):
+        with timer("fetch"), self.paced("fetch"):
             task = self.task()
             fetched_at = datetime.now(UTC).isoformat()
             tasks = self.datastore.tasks()
@@ -232,8 +229,9 @@ class Round:
                 {"task": int(inputs.pool_ids[int(i)]), "model_version": round_id, "score": score, "result": result}
                 for i, score, result in zip(ordered.positions, scores, results, strict=True)
             ]
-            report.update(self.room_made(room))
-            written = self.datastore.write(round_id, predictions)
+            with self.paced("write"):
+                report.update(self.room_made(round_id))
+                written = self.datastore.write(round_id, predictions)
         head, references = self.stream_head(task, tasks, predictions, ordered)
         report.update({
             "model_version": round_id, "tasks_scored": inputs.pool_size, "written": written,
@@ -249,6 +247,8 @@ class Round:
         else:
             tensors, meta = {}, {"kind": task.kind}
         report["timings"] = timer.seconds
+        if self.pacer is not None:
+            report["pacing"] = self.pacer.summary
         report["seconds"] = timer.total()
         report["finished_at"] = datetime.now(UTC).isoformat()
         self.store.commit(self.project_id, round_id, tensors, meta, report)
@@ -266,10 +266,10 @@ class Round:
                 report["clean_up"] = cleaned
         return report
 
-    def room_made(self, room: Future[int]) -> dict[str, Any]:
-        """The report's word on :meth:`Datastore.make_room`; a failure costs only the bound, not the round."""
+    def room_made(self, round_id: str) -> dict[str, Any]:
+        """:meth:`Datastore.make_room` and the report's word on it; a failure costs only the bound, not the round."""
         try:
-            deleted = room.result()
+            deleted = self.datastore.make_room(round_id)
         except Exception as exc:  # noqa: BLE001 - stale predictions cost space; the new order matters more
             log.warning("project %s: deleting stale predictions before the write failed: %s", self.project_id, exc)
             return {"make_room_error": str(exc)[:300]}

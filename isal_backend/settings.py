@@ -118,6 +118,10 @@ class Settings:
     max_body_mb: int = 100
     #: How often workers compare each project's newest annotation with its last round (0: never).
     reconcile_seconds: float = 60.0
+    #: A round's calls to Label Studio wait this long after an annotator's event (0: no pacing); see pacing.py.
+    pace_settle_seconds: float = 0.3
+    #: The longest a paced step waits for a quiet moment.
+    pace_max_wait_seconds: float = 1.5
 
     def __post_init__(self) -> None:
         if (self.label_studio_url is None) != (self.label_studio_api_key is None):
@@ -236,6 +240,8 @@ class Settings:
                                          hint="disk budget per project for the detector's body outputs; 0 keeps none"),
             max_body_mb=r.integer("ISAL_MAX_BODY_MB", 100, minimum=1, hint="megabytes per request body"),
             reconcile_seconds=r.seconds("ISAL_RECONCILE_SECONDS", 60.0),
+            pace_settle_seconds=r.seconds("ISAL_PACE_SETTLE_SECONDS", 0.3),
+            pace_max_wait_seconds=r.seconds("ISAL_PACE_MAX_WAIT_SECONDS", 1.5),
             ssrf_protection=r.choice("ISAL_SSRF_PROTECTION", "true", ("true", "false")) == "true",
             image_hosts_allowed=r.host_list("ISAL_IMAGE_HOSTS_ALLOWED"),
             download_deadline_seconds=r.positive_float("ISAL_DOWNLOAD_DEADLINE_SECONDS", 30.0),

@@ -23,11 +23,14 @@ class FakeClient:
 
     def delete_old_predictions(self, project_id: int, keep: str, spare: Collection[str] = (), batch: int = 100,
                                stop: Callable[[], bool] | None = None,
-                               versions: Mapping[str, int] | None = None) -> CleanUpReport:
+                               versions: Mapping[str, int] | None = None,
+                               before_call: Callable[[], object] | None = None) -> CleanUpReport:
         report = CleanUpReport()
         known = dict(versions) if versions is not None else self.model_versions(project_id)
         assert known == self.versions, "a caller passed versions that are not Label Studio's"
         for version in sorted(v for v in known if v != keep and v not in spare):
+            if before_call is not None:
+                before_call()
             if stop is not None and stop():
                 report.stopped = True
                 break
@@ -45,8 +48,10 @@ class FakeClient:
         self.ordering = model_version
 
 
-def datastore(versions: dict[str, int], make_room: bool = False) -> LabelStudioDatastore:
-    return LabelStudioDatastore(FakeClient(versions), 1, make_room=make_room)  # type: ignore[arg-type]
+def datastore(versions: dict[str, int], make_room: bool = False,
+              before_call: Callable[[], object] | None = None) -> LabelStudioDatastore:
+    return LabelStudioDatastore(FakeClient(versions), 1, make_room=make_room,  # type: ignore[arg-type]
+                                before_call=before_call)
 
 
 def test_the_previous_version_is_the_newest_older_round() -> None:
@@ -116,3 +121,11 @@ def test_without_make_room_nothing_is_deleted_before_a_write() -> None:
     assert store.make_room("isal-4") == 0
     store.write("isal-4", predictions("isal-4", 5))
     assert store.client.held_while_writing == {"isal-2": 50, "isal-3": 50}
+
+
+def test_a_paced_clean_up_waits_before_each_of_its_calls() -> None:
+    """The worker's pacer (isal_backend.pacing) is asked before the versions are read and before each delete."""
+    asked: list[int] = []
+    store = datastore({"isal-1": 20, "isal-2": 20, "isal-3": 20}, before_call=lambda: asked.append(len(asked)))
+    assert store.clean_up("isal-3", stop=lambda: False) == 40
+    assert len(asked) == 1 + 2  # model-versions, then isal-1 and isal-2

@@ -249,8 +249,11 @@ def test_old_predictions_are_deleted_in_bounded_calls(client: LabelStudioClient,
     assert client.delete_old_predictions(pid, "isal-3", spare=["isal-2"], stop=lambda: True).deleted == 0
     # isal-1 (10 > batch 3): its 5 tasks holding no kept prediction in 2 Data Manager calls (3 + 2 tasks), its 5
     # predictions on tasks that also hold isal-2's or isal-3's one by one
-    report = client.delete_old_predictions(pid, "isal-3", spare=["isal-2"], batch=3)
+    asked: list[float] = []
+    report = client.delete_old_predictions(pid, "isal-3", spare=["isal-2"], batch=3,
+                                           before_call=lambda: asked.append(time.monotonic()))
     assert (report.deleted, report.calls, report.stopped) == (10, 7, False)
+    assert len(asked) == report.calls and report.pause == 0  # paced: each call waited for the annotators instead
     assert client.model_versions(pid) == {"isal-2": 2, "isal-3": 5}
     report = client.delete_old_predictions(pid, "isal-3", batch=3)  # 2 <= batch: one model-versions call
     assert (report.deleted, report.calls) == (2, 1)

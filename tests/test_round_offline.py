@@ -7,6 +7,7 @@ that places new tasks.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from isal_backend.bench.offline import OfflineDatastore
 from isal_backend.jobs.entry import stored_predictions
 from isal_backend.labelstudio.config import ClassificationConfig
 from isal_backend.labelstudio.convert import prediction_result
+from isal_backend.pacing import Pacer
 from isal_backend.round import Round
 from isal_backend.settings import Settings
 from isal_backend.store import ModelStore
@@ -151,6 +153,22 @@ def test_a_failure_to_make_room_costs_the_bound_not_the_round(tmp_path: Path) ->
     project.label(range(1, 25))
     report = Round(4, project.datastore, ModelStore(tmp_path), settings(tmp_path), write_size=5).run()
     assert report["written"] == 5 and "went away" in report["make_room_error"]
+
+
+def test_a_paced_round_waits_for_the_annotators_submit_to_settle_and_reports_it(tmp_path: Path) -> None:
+    """An annotator submitted just now: the fetch waits until that submit's /next has been served; the write,
+    with no second event to give a pace, goes at once. The report says what each step waited and took."""
+    project = Project(seed=6)
+    project.label(range(1, 25))
+    submitted = time.monotonic()
+    took: dict[str, float] = {}
+    pacer = Pacer(lambda: [time.monotonic() - submitted], settle_s=0.2, max_wait_s=1.0, took=took)
+    report = Round(4, project.datastore, ModelStore(tmp_path), settings(tmp_path), write_size=5, pacer=pacer).run()
+    assert report["written"] == 5
+    assert set(report["pacing"]) == {"fetch", "write"}
+    assert 0.1 <= report["pacing"]["fetch"]["waited"] <= 0.5
+    assert report["pacing"]["write"]["waited"] < 0.05 and report["pacing"]["write"]["times"] == 1
+    assert set(took) == {"fetch", "write"}  # the project's next round expects as much
 
 
 def test_a_baseline_round_stores_its_keys_so_new_tasks_are_placed_by_them(tmp_path: Path) -> None:

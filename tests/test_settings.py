@@ -72,6 +72,8 @@ def test_every_variable_is_read():
         ("ISAL_RECONCILE_SECONDS", "inf", ">= 0"),
         ("ISAL_RECONCILE_SECONDS", "x", "a number of seconds"),
         ("ISAL_SHORTLIST", "-2", "a multiple of the batch >= 0"),
+        ("ISAL_PACE_SETTLE_SECONDS", "-0.1", "a number of seconds >= 0"),
+        ("ISAL_PACE_MAX_WAIT_SECONDS", "soon", "a number of seconds >= 0"),
     ],
 )
 def test_bad_values_name_variable_value_and_fix(name, value, fix):
@@ -109,6 +111,12 @@ def test_body_limit_and_reconciliation_period_are_read():
     s = Settings.from_env({"ISAL_MAX_BODY_MB": "5", "ISAL_RECONCILE_SECONDS": "0"})
     assert (s.max_body_mb, s.reconcile_seconds) == (5, 0.0)
     assert (Settings.from_env({}).max_body_mb, Settings.from_env({}).reconcile_seconds) == (100, 60.0)
+
+
+def test_pacing_is_read_and_can_be_turned_off():
+    s = Settings.from_env({"ISAL_PACE_SETTLE_SECONDS": "0", "ISAL_PACE_MAX_WAIT_SECONDS": "4"})
+    assert (s.pace_settle_seconds, s.pace_max_wait_seconds) == (0.0, 4.0)
+    assert (Settings.from_env({}).pace_settle_seconds, Settings.from_env({}).pace_max_wait_seconds) == (0.3, 1.5)
 
 
 def test_settings_error_is_a_value_error_for_the_cli():

@@ -7,7 +7,8 @@
 
 Everything kind-specific is in :mod:`isal_backend.tasks`, the round itself in :mod:`isal_backend.round`;
 this module only chooses the parts: Label Studio as the datastore, the project's folders in the model
-store, feature shards when RQ workers share the work, and the clean-up policy.
+store, feature shards when RQ workers share the work, the clean-up policy, and the pacing of a round's
+calls around the project's annotators.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from isal_backend.labelstudio.datastore import LabelStudioDatastore
 from isal_backend.labelstudio.failures import FailedDownloads
 from isal_backend.labelstudio.images import decode_image
 from isal_backend.labelstudio.mirror import TaskMirror
+from isal_backend.pacing import Pacer
 from isal_backend.queue.context import current_job
 from isal_backend.round import Round
 from isal_backend.settings import Settings, project_credentials
@@ -42,17 +44,33 @@ BULKY = ("skipped", "notes", "top_tasks", "stream_head")
 MIRROR_FILE = "mirror.sqlite3"
 #: The score of a prediction with nothing to place it by (no round yet, or a set-wise order).
 NEUTRAL_SCORE = 0.5
+#: What each paced step took in this worker's last round of a project: the next round expects as much.
+_STEP_TIMES: dict[int, dict[str, float]] = {}
 
 
-def live_datastore(settings: Settings, project_id: int) -> LabelStudioDatastore:
+def live_datastore(settings: Settings, project_id: int, pacer: Pacer | None = None) -> LabelStudioDatastore:
     """The project's Label Studio (the environment's credentials or those /setup stored), read through the
-    project's task mirror in the model store, so a round fetches only what changed."""
+    project's task mirror in the model store, so a round fetches only what changed. ``pacer``: the
+    clean-up's calls wait for the annotators (each is expected to cost Label Studio about what the
+    round's write did)."""
     credentials = project_credentials(settings, project_id)
     mirror = TaskMirror.shared(ModelStore(settings.model_dir).project_dir(project_id) / MIRROR_FILE)
     client = LabelStudioClient.from_settings(credentials.url, credentials.api_key, settings)
     return LabelStudioDatastore(client, project_id, mirror, settings.full_resync_seconds,
                                 FailedDownloads.for_project(settings, project_id),
-                                make_room=settings.delete_old_predictions)
+                                make_room=settings.delete_old_predictions,
+                                before_call=(lambda: pacer.wait("clean_up", pacer.took.get("write")))
+                                if pacer is not None else None)
+
+
+def round_pacer(settings: Settings, project_id: int) -> Pacer | None:
+    """The pacing of the running round job's calls around the project's annotators (see
+    :mod:`isal_backend.pacing`); None outside a queue, or with ``ISAL_PACE_SETTLE_SECONDS=0``."""
+    job = current_job()
+    if settings.pace_settle_seconds <= 0 or job is None or job.activity is None:
+        return None
+    return Pacer(job.activity, settings.pace_settle_seconds, settings.pace_max_wait_seconds,
+                 _STEP_TIMES.setdefault(int(project_id), {}))
 
 
 def task_parts(settings: Settings, store: ModelStore, project_id: int) -> TaskParts:
@@ -103,9 +121,10 @@ def run_round(project_id: int) -> dict[str, Any]:
     """The queue's round job for the project, with the settings of the environment."""
     settings = Settings.from_env()
     store = ModelStore(settings.model_dir)
-    datastore = live_datastore(settings, project_id)
+    pacer = round_pacer(settings, project_id)
+    datastore = live_datastore(settings, project_id, pacer)
     report = Round(project_id, datastore, store, settings, task_parts(settings, store, project_id),
-                   clean_up=clean_up_policy(settings, datastore)).run()
+                   clean_up=clean_up_policy(settings, datastore), pacer=pacer).run()
     record_round(int(project_id), {k: v for k, v in report.items() if k not in BULKY}, settings)
     job = current_job()
     if report.get("features_pending") and job is not None:

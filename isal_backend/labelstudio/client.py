@@ -296,8 +296,8 @@ class LabelStudioClient:
 
     def delete_old_predictions(self, project_id: int, keep: str, spare: Collection[str] = (),
                                batch: int = DELETE_BATCH, stop: Callable[[], bool] | None = None,
-                               pause: float = DELETE_PAUSE_S, versions: Mapping[str, int] | None = None
-                               ) -> CleanUpReport:
+                               pause: float = DELETE_PAUSE_S, versions: Mapping[str, int] | None = None,
+                               before_call: Callable[[], Any] | None = None) -> CleanUpReport:
         """Delete the predictions of every model version but ``keep`` and ``spare``, oldest version first, in
         calls that each delete at most about ``batch`` predictions, so Label Studio's database is never held
         for long; ``stop`` is asked before each call (True: leave the rest for later).
@@ -310,16 +310,20 @@ class LabelStudioClient:
         calls, so Label Studio's own writes (an annotator's /next) get the database in between. Refuses when
         ``keep`` has no predictions, since deleting the rest would leave the stream unordered. ``versions``:
         :meth:`model_versions` as the caller just read it (each read is a query over the project's
-        predictions, and a round's clean-up would otherwise make three).
+        predictions, and a round's clean-up would otherwise make three). ``before_call`` is called before
+        each deleting call (the worker waits there for a moment when annotators are not asking for tasks,
+        instead of ``pause``).
         """
         versions = dict(versions) if versions is not None else self.model_versions(project_id)
         if keep not in versions:
             raise LabelStudioError(f"refusing to delete predictions of project {project_id}: the version to keep, "
                                    f"{keep!r}, has no predictions (versions: {sorted(versions)})")
         kept = {keep, *spare}
-        report = CleanUpReport(pause=max(0.0, pause))
+        report = CleanUpReport(pause=0.0 if before_call is not None else max(0.0, pause))  # the pacing replaces it
         listed: list[dict[str, Any]] | None = None
         for version in sorted(v for v in versions if v not in kept):
+            if before_call is not None and versions[version] <= batch:
+                before_call()  # first: a newer round may come to wait meanwhile
             if stop is not None and stop():
                 report.stopped = True
                 break
@@ -333,18 +337,22 @@ class LabelStudioClient:
             if listed is None:
                 listed = self._json("GET", "api/predictions/", f"list the predictions of project {project_id}",
                                     params={"project": project_id})
-            if not self._delete_version_by_tasks(project_id, version, kept, listed, batch, stop, report):
+            if not self._delete_version_by_tasks(project_id, version, kept, listed, batch, stop, report,
+                                                 before_call):
                 report.stopped = True
                 break
         return report
 
     def _delete_version_by_tasks(self, project_id: int, version: str, kept: set[str], listed: list[dict[str, Any]],
-                                 batch: int, stop: Callable[[], bool] | None, report: CleanUpReport) -> bool:
+                                 batch: int, stop: Callable[[], bool] | None, report: CleanUpReport,
+                                 before_call: Callable[[], Any] | None = None) -> bool:
         """One large version, ``batch`` at a time (see :meth:`delete_old_predictions`); False when stopped."""
         ours = [p for p in listed if isinstance(p, dict) and p.get("model_version") == version]
         holding = {p.get("task") for p in listed if isinstance(p, dict) and p.get("model_version") in kept}
         free = sorted({int(p["task"]) for p in ours if p.get("task") not in holding})
         for start in range(0, len(free), max(1, batch)):
+            if before_call is not None:
+                before_call()
             if stop is not None and stop():
                 return False
             chunk = free[start:start + batch]
@@ -356,6 +364,8 @@ class LabelStudioClient:
             report.deleted += int(body.get("processed_items") or 0) if isinstance(body, dict) else 0
         shared = [int(p["id"]) for p in ours if p.get("task") in holding]
         for i, prediction_id in enumerate(shared):
+            if before_call is not None:
+                before_call()
             if i % max(1, batch) == 0 and stop is not None and stop():
                 return False
             try:

@@ -34,9 +34,11 @@ class LabelStudioDatastore:
 
     def __init__(self, client: LabelStudioClient, project_id: int, mirror: TaskMirror | None = None,
                  resync_seconds: float = 3600.0, failures: FailedDownloads | None = None,
-                 make_room: bool = False) -> None:
+                 make_room: bool = False, before_call: Callable[[], Any] | None = None) -> None:
         """``failures``: images that failed lately are not downloaded again (see FailedDownloads).
-        ``make_room``: before a write, delete every version but the served one (see :meth:`make_room`)."""
+        ``make_room``: before a write, delete every version but the served one (see :meth:`make_room`).
+        ``before_call``: called before each of :meth:`clean_up`'s calls (the worker paces them, see
+        :mod:`isal_backend.pacing`; :meth:`make_room` runs inside the round's paced write step)."""
         self.client = client
         self.project_id = int(project_id)
         self.mirror = mirror
@@ -46,6 +48,7 @@ class LabelStudioDatastore:
         self._fetch_report: dict[str, Any] = {}
         self.last_clean_up: CleanUpReport | None = None
         self.makes_room = make_room
+        self.before_call = before_call
         #: What the last :meth:`make_room` deleted (None: nothing was in the way).
         self.room_made: CleanUpReport | None = None
 
@@ -97,7 +100,7 @@ class LabelStudioDatastore:
         round), so that Label Studio never holds more than two rounds' predictions, not even for the
         moment between a write and its clean-up. Only a round whose predecessor's clean-up was cut short (a
         newer round waited) finds anything to delete; then it is usually one call of at most about 100
-        predictions, made while the round computes. What was done is :attr:`room_made` (None: nothing was
+        predictions. What was done is :attr:`room_made` (None: nothing was
         in the way, or the datastore was made without ``make_room``).
         """
         if not self.makes_room:
@@ -117,13 +120,16 @@ class LabelStudioDatastore:
         deletes it then); every older one goes regardless, so at most two rounds' predictions stay.
         The report of what was done is :attr:`last_clean_up`.
         """
+        if self.before_call is not None:
+            self.before_call()
         versions = self.client.model_versions(self.project_id)  # read once: the calls below are given it
         previous = previous_version(versions, keep)
         report = self.client.delete_old_predictions(self.project_id, keep, spare=[previous] if previous else [],
-                                                    versions=versions)
+                                                    versions=versions, before_call=self.before_call)
         if previous is not None:  # every other version is gone now
             left = {v: n for v, n in versions.items() if v in (keep, previous)}
-            later = self.client.delete_old_predictions(self.project_id, keep, stop=stop, versions=left)
+            later = self.client.delete_old_predictions(self.project_id, keep, stop=stop, versions=left,
+                                                       before_call=self.before_call)
             report = CleanUpReport(report.deleted + later.deleted, report.calls + later.calls,
                                    round(report.seconds + later.seconds, 4),
                                    max(report.longest_call_seconds, later.longest_call_seconds), later.stopped,
