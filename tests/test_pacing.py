@@ -54,7 +54,7 @@ def test_a_step_waits_past_the_next_submit_and_remembers_what_it_took():
 
 
 def test_the_wait_is_bounded_when_there_is_no_quiet_moment():
-    """Annotators submitting 4 times a second: no submit settles before the next, so the step goes after ``max_wait_s``."""
+    """Annotators submitting 4 times a second: no submit settles before the next; the step goes at ``max_wait_s``."""
     clock = Clock(events_at=[-3 + i * 0.25 for i in range(40)])
     pacer = Pacer(clock.ages, settle_s=0.3, max_wait_s=1.0, sleep=clock.sleep, clock=lambda: clock.now)
     assert pacer.wait("fetch") == pytest.approx(1.0)
