@@ -10,7 +10,12 @@ import traceback
 import jwt
 import pytest
 
-from isal_backend.labelstudio.client import DownloadError, LabelStudioClient, LabelStudioUnavailable
+from isal_backend.labelstudio.client import (
+    DownloadError,
+    LabelStudioClient,
+    LabelStudioUnavailable,
+    pause_between,
+)
 
 LEGACY_KEY = "f00dfeedf00dfeedf00dfeedf00dfeedf00dfeed"
 
@@ -95,3 +100,18 @@ def test_expired_personal_access_token_is_reported_clearly() -> None:
     with pytest.raises(LabelStudioAPIError, match="expired") as err:
         LabelStudioClient("http://127.0.0.1:9", expired)
     assert expired not in str(err.value)
+
+
+def test_an_unpaced_clean_up_pauses_between_calls_not_before_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a pacer the clean-up's calls are spaced by a fixed pause, so Label Studio's own writers get
+    SQLite's lock in between; the first call needs none (nothing of ours ran just before it)."""
+    slept: list[float] = []
+    monkeypatch.setattr("isal_backend.labelstudio.client.time.sleep", slept.append)
+    wait = pause_between(0.2)
+    for _ in range(3):
+        wait()
+    assert slept == [0.2, 0.2]
+    no_pause = pause_between(0.0)
+    no_pause()
+    no_pause()
+    assert slept == [0.2, 0.2]

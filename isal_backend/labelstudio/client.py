@@ -41,9 +41,9 @@ UNCERTAINTY_SAMPLING = "Uncertainty sampling"
 #: write lock throughout (measured on 1.23.2, 2 cores: 100 predictions 1.0-1.3 s, 1,000 13-16 s, and /next
 #: answered 500 "database is locked" during the latter).
 DELETE_BATCH = 100
-#: Seconds between two clean-up calls. Back to back, they starve Label Studio's own writers (SQLite has no
-#: queue: a /next waiting for the lock retries with growing sleeps and loses it to the next delete each time;
-#: measured: /next blocked up to 13 s, or 500, while no single call took over 0.8 s).
+#: Seconds between two clean-up calls when no pacer is given. Back to back, they starve Label Studio's own
+#: writers (SQLite has no queue: a /next waiting for the lock retries with growing sleeps and loses it to the
+#: next delete each time; measured: /next blocked up to 13 s, or 500, while no single call took over 0.8 s).
 DELETE_PAUSE_S = 0.3
 DEFAULT_MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 
@@ -89,20 +89,17 @@ class DownloadError(LabelStudioError):
 
 @dataclass
 class CleanUpReport:
-    """What :meth:`LabelStudioClient.delete_old_predictions` did: predictions deleted, calls made, the longest
-    call (how long Label Studio's database was held at most), and whether it stopped before the end."""
+    """What :meth:`LabelStudioClient.delete_old_predictions` did: predictions deleted, calls made (the listing
+    of a large version's predictions included), the longest call (how long Label Studio's database was held at
+    most), and whether it stopped before the end."""
 
     deleted: int = 0
     calls: int = 0
     seconds: float = 0.0
     longest_call_seconds: float = 0.0
     stopped: bool = False
-    #: Seconds waited before every call but the first (see DELETE_PAUSE_S).
-    pause: float = 0.0
 
     def timed(self, call: Callable[[], T]) -> T:
-        if self.calls and self.pause:
-            time.sleep(self.pause)
         start = time.perf_counter()
         try:
             return call()
@@ -114,6 +111,20 @@ class CleanUpReport:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def pause_between(seconds: float = DELETE_PAUSE_S) -> Callable[[], None]:
+    """A ``before_call`` for :meth:`LabelStudioClient.delete_old_predictions` that sleeps ``seconds`` before
+    every call but the first, so that Label Studio's own writes get the database in between."""
+    calls = 0
+
+    def wait() -> None:
+        nonlocal calls
+        if calls and seconds > 0:
+            time.sleep(seconds)
+        calls += 1
+
+    return wait
 
 
 @dataclass(frozen=True)
@@ -296,7 +307,7 @@ class LabelStudioClient:
 
     def delete_old_predictions(self, project_id: int, keep: str, spare: Collection[str] = (),
                                batch: int = DELETE_BATCH, stop: Callable[[], bool] | None = None,
-                               pause: float = DELETE_PAUSE_S, versions: Mapping[str, int] | None = None,
+                               versions: Mapping[str, int] | None = None,
                                before_call: Callable[[], Any] | None = None) -> CleanUpReport:
         """Delete the predictions of every model version but ``keep`` and ``spare``, oldest version first, in
         calls that each delete at most about ``batch`` predictions, so Label Studio's database is never held
@@ -306,23 +317,24 @@ class LabelStudioClient:
         A larger one (new tasks scored into the current round make a version grow) goes by tasks: the Data
         Manager action ``delete_tasks_predictions`` on up to ``batch`` tasks that hold no prediction to keep
         (it deletes every prediction of a task), then ``DELETE /api/predictions/<id>/`` for its predictions on
-        tasks that do (one call each, about 0.1 s, 10x slower per prediction). ``pause`` seconds pass between
-        calls, so Label Studio's own writes (an annotator's /next) get the database in between. Refuses when
+        tasks that do (one call each, about 0.1 s, 10x slower per prediction). ``before_call`` is called before
+        each call, so Label Studio's own writes (an annotator's /next) get the database in between: the worker
+        passes its pacer, which waits until the annotators' last submit has settled; by default
+        :func:`pause_between` (:data:`DELETE_PAUSE_S`). Refuses when
         ``keep`` has no predictions, since deleting the rest would leave the stream unordered. ``versions``:
         :meth:`model_versions` as the caller just read it (each read is a query over the project's
-        predictions, and a round's clean-up would otherwise make three). ``before_call`` is called before
-        each deleting call (the worker waits there for a moment when annotators are not asking for tasks,
-        instead of ``pause``).
+        predictions, and a round's clean-up would otherwise make three).
         """
         versions = dict(versions) if versions is not None else self.model_versions(project_id)
         if keep not in versions:
             raise LabelStudioError(f"refusing to delete predictions of project {project_id}: the version to keep, "
                                    f"{keep!r}, has no predictions (versions: {sorted(versions)})")
         kept = {keep, *spare}
-        report = CleanUpReport(pause=0.0 if before_call is not None else max(0.0, pause))  # the pacing replaces it
+        before_call = before_call if before_call is not None else pause_between()
+        report = CleanUpReport()
         listed: list[dict[str, Any]] | None = None
         for version in sorted(v for v in versions if v not in kept):
-            if before_call is not None and versions[version] <= batch:
+            if versions[version] <= batch:
                 before_call()  # first: a newer round may come to wait meanwhile
             if stop is not None and stop():
                 report.stopped = True
@@ -335,8 +347,10 @@ class LabelStudioClient:
                 report.deleted += int(body.get("deleted_predictions") or 0) if isinstance(body, dict) else 0
                 continue
             if listed is None:
-                listed = self._json("GET", "api/predictions/", f"list the predictions of project {project_id}",
-                                    params={"project": project_id})
+                before_call()
+                listed = report.timed(lambda: self._json(
+                    "GET", "api/predictions/", f"list the predictions of project {project_id}",
+                    params={"project": project_id}))
             if not self._delete_version_by_tasks(project_id, version, kept, listed, batch, stop, report,
                                                  before_call):
                 report.stopped = True
@@ -345,14 +359,13 @@ class LabelStudioClient:
 
     def _delete_version_by_tasks(self, project_id: int, version: str, kept: set[str], listed: list[dict[str, Any]],
                                  batch: int, stop: Callable[[], bool] | None, report: CleanUpReport,
-                                 before_call: Callable[[], Any] | None = None) -> bool:
+                                 before_call: Callable[[], Any]) -> bool:
         """One large version, ``batch`` at a time (see :meth:`delete_old_predictions`); False when stopped."""
         ours = [p for p in listed if isinstance(p, dict) and p.get("model_version") == version]
         holding = {p.get("task") for p in listed if isinstance(p, dict) and p.get("model_version") in kept}
         free = sorted({int(p["task"]) for p in ours if p.get("task") not in holding})
         for start in range(0, len(free), max(1, batch)):
-            if before_call is not None:
-                before_call()
+            before_call()
             if stop is not None and stop():
                 return False
             chunk = free[start:start + batch]
@@ -364,8 +377,7 @@ class LabelStudioClient:
             report.deleted += int(body.get("processed_items") or 0) if isinstance(body, dict) else 0
         shared = [int(p["id"]) for p in ours if p.get("task") in holding]
         for i, prediction_id in enumerate(shared):
-            if before_call is not None:
-                before_call()
+            before_call()
             if i % max(1, batch) == 0 and stop is not None and stop():
                 return False
             try:

@@ -132,7 +132,6 @@ class LabelStudioDatastore:
                                                        before_call=self.before_call)
             report = CleanUpReport(report.deleted + later.deleted, report.calls + later.calls,
                                    round(report.seconds + later.seconds, 4),
-                                   max(report.longest_call_seconds, later.longest_call_seconds), later.stopped,
-                                   later.pause)
+                                   max(report.longest_call_seconds, later.longest_call_seconds), later.stopped)
         self.last_clean_up = report
         return report.deleted
