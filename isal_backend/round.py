@@ -16,8 +16,9 @@ One round runs every task kind; it reads like its data path, each step timed int
    one current), the report for /metrics and its line in the project's history (the dashboard's curve);
    then thumbnails of the stream's head for the dashboard, and older rounds' predictions are cleaned up.
 
-Fetch and write-back are the steps that load the datastore: with a :class:`~isal_backend.pacing.Pacer`
-each waits (briefly, boundedly) for a moment when the project's annotators are not asking for tasks.
+Fetch, write-back and the thumbnails' image reads are the steps that load the datastore: with a
+:class:`~isal_backend.pacing.Pacer` each waits (briefly, boundedly) for a moment when the project's
+annotators are not asking for tasks.
 
 The round knows no Label Studio (only the :class:`~isal_backend.datastore.Datastore` port) and no
 model internals (only the :class:`~isal_backend.tasks.base.Task` of the project's kind), so the
@@ -142,13 +143,15 @@ class Round:
     project's own folders in ``store``. ``write_size``: predictions written (0: every task); by default
     :func:`adaptive_write_size` from the project's history, or every task when ISAL_WRITE_TOP_M is 0 (the
     benchmark passes its budget). ``clean_up`` runs after the commit (the job passes the clean-up policy,
-    the benchmark nothing). ``pacer``: fetch and write-back wait for the annotators (see
-    :mod:`isal_backend.pacing`); None: at once.
+    the benchmark nothing). ``pacer``: fetch, write-back and the thumbnails' reads wait for the annotators
+    (see :mod:`isal_backend.pacing`); None: at once. ``superseded``: True when a newer round of the project
+    waits (the job's word); the thumbnails of a round about to be replaced are left to the newer one.
     """
 
     def __init__(self, project_id: int, datastore: Datastore, store: ModelStore, settings: Settings,
                  parts: TaskParts | None = None, write_size: int | None = None,
-                 clean_up: Callable[[str], Any] | None = None, pacer: Pacer | None = None) -> None:
+                 clean_up: Callable[[str], Any] | None = None, pacer: Pacer | None = None,
+                 superseded: Callable[[], bool] | None = None) -> None:
         self.project_id = int(project_id)
         self.datastore = datastore
         self.store = store
@@ -157,6 +160,7 @@ class Round:
         self.write_size = write_size
         self.clean_up = clean_up
         self.pacer = pacer
+        self.superseded = superseded
 
     def paced(self, step: str) -> AbstractContextManager[None]:
         return self.pacer.step(step) if self.pacer is not None else unpaced(step)
@@ -309,16 +313,26 @@ class Round:
     def thumbnails(self, references: list[str]) -> None:
         """Thumbnails of the stream head, from the bytes a detection project keeps or one read of the datastore.
 
-        After the commit: the new order is already served, and a failure costs only a placeholder.
+        After the commit: the new order is already served, and a failure costs only a placeholder. Reads of
+        the datastore are paced like the write (measured: unpaced, they were half of the annotators' slow
+        ``/next`` in ``bench live``), and left to the newer round when one waits.
         """
         cache = self.parts.image_cache or ImageCache(self.parts.project_dir / "images")
+        folder = Thumbnails.of_project(self.store.project_dir(self.project_id))
 
         def read(reference: str) -> bytes:
             return image_bytes(reference, lambda r: cache.get(r) or self.datastore.image(r))
 
+        reads = [r for r in references if folder.path(thumbnail_key(r)) is None and not r.startswith("data:")
+                 and cache.get(r) is None]
+        if reads and self.superseded is not None and self.superseded():
+            log.debug("project %s: a newer round waits; the stream head's thumbnails are left to it",
+                      self.project_id)
+            return
         start = time.perf_counter()
         try:
-            counts = Thumbnails.of_project(self.store.project_dir(self.project_id)).ensure(references, read)
+            with self.paced("thumbnails") if reads else unpaced("thumbnails"):
+                counts = folder.ensure(references, read)
         except OSError as exc:
             log.warning("project %s: thumbnails not written: %s", self.project_id, exc)
             return

@@ -165,10 +165,27 @@ def test_a_paced_round_waits_for_the_annotators_submit_to_settle_and_reports_it(
     pacer = Pacer(lambda: [time.monotonic() - submitted], settle_s=0.2, max_wait_s=1.0, took=took)
     report = Round(4, project.datastore, ModelStore(tmp_path), settings(tmp_path), write_size=5, pacer=pacer).run()
     assert report["written"] == 5
-    assert set(report["pacing"]) == {"fetch", "write"}
+    # the thumbnails of the stream head read the datastore's images: paced too
+    assert set(report["pacing"]) == {"fetch", "write", "thumbnails"}
     assert 0.1 <= report["pacing"]["fetch"]["waited"] <= 0.5
     assert report["pacing"]["write"]["waited"] < 0.05 and report["pacing"]["write"]["times"] == 1
-    assert set(took) == {"fetch", "write"}  # the project's next round expects as much
+    assert set(took) == {"fetch", "write", "thumbnails"}  # the project's next round expects as much
+
+    # the same stream head again: its thumbnails are there, nothing is read, so nothing waits for a moment
+    again = Pacer(lambda: [time.monotonic() - submitted], settle_s=0.2, max_wait_s=1.0, took=took)
+    report = Round(4, project.datastore, ModelStore(tmp_path), settings(tmp_path), write_size=5, pacer=again).run()
+    assert "thumbnails" not in report["pacing"]
+
+
+def test_a_round_a_newer_one_waits_for_leaves_the_thumbnails_to_it(tmp_path: Path) -> None:
+    """The thumbnails come after the commit: when a newer round waits, its reads would only delay that one."""
+    project = Project(seed=7)
+    project.label(range(1, 25))
+    store = ModelStore(tmp_path)
+    report = Round(4, project.datastore, store, settings(tmp_path), write_size=5, superseded=lambda: True).run()
+    assert report["stream_head"] and not (store.project_dir(4) / "thumbnails").exists()
+    report = Round(4, project.datastore, store, settings(tmp_path), write_size=5, superseded=lambda: False).run()
+    assert len(list((store.project_dir(4) / "thumbnails").glob("*.jpg"))) == len(report["stream_head"])
 
 
 def test_a_baseline_round_stores_its_keys_so_new_tasks_are_placed_by_them(tmp_path: Path) -> None:

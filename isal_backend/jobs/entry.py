@@ -123,10 +123,11 @@ def run_round(project_id: int) -> dict[str, Any]:
     store = ModelStore(settings.model_dir)
     pacer = round_pacer(settings, project_id)
     datastore = live_datastore(settings, project_id, pacer)
-    report = Round(project_id, datastore, store, settings, task_parts(settings, store, project_id),
-                   clean_up=clean_up_policy(settings, datastore), pacer=pacer).run()
-    record_round(int(project_id), {k: v for k, v in report.items() if k not in BULKY}, settings)
     job = current_job()
+    report = Round(project_id, datastore, store, settings, task_parts(settings, store, project_id),
+                   clean_up=clean_up_policy(settings, datastore), pacer=pacer,
+                   superseded=job.superseded if job is not None else None).run()
+    record_round(int(project_id), {k: v for k, v in report.items() if k not in BULKY}, settings)
     if report.get("features_pending") and job is not None:
         job.follow_up()  # the rest of a large import: the next round featurizes the next share
     return report
