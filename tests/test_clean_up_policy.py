@@ -5,9 +5,12 @@ Label Studio in test_labelstudio_e2e.py."""
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
 
+from isal_backend.jobs import entry
 from isal_backend.labelstudio.client import CleanUpReport
 from isal_backend.labelstudio.datastore import LabelStudioDatastore, previous_version
+from isal_backend.settings import Settings
 
 
 class FakeClient:
@@ -16,6 +19,7 @@ class FakeClient:
     def __init__(self, versions: dict[str, int]) -> None:
         self.versions = dict(versions)
         self.reads = 0  # model-versions GETs (a query over the project's predictions each)
+        self.call_seconds = 0.0  # what each delete call is reported to have taken
 
     def model_versions(self, project_id: int) -> dict[str, int]:
         self.reads += 1
@@ -36,6 +40,7 @@ class FakeClient:
                 break
             report.deleted += self.versions.pop(version)
             report.calls += 1
+            report.longest_call_seconds = self.call_seconds
         return report
 
     def import_predictions(self, project_id: int, predictions: list[dict]) -> int:
@@ -129,3 +134,16 @@ def test_a_paced_clean_up_waits_before_each_of_its_calls() -> None:
     store = datastore({"isal-1": 20, "isal-2": 20, "isal-3": 20}, before_call=lambda: asked.append(len(asked)))
     assert store.clean_up("isal-3", stop=lambda: False) == 40
     assert len(asked) == 1 + 2  # model-versions, then isal-1 and isal-2
+
+
+def test_a_clean_up_tells_the_next_how_long_its_calls_held_label_studio(tmp_path: Path) -> None:
+    """The pacer gives each clean-up call a moment as long as the longest one took last time (a delete can
+    hold Label Studio longer than the round's write did)."""
+    entry._STEP_TIMES.pop(1, None)
+    store = datastore({"isal-1": 20, "isal-2": 20, "isal-3": 20})
+    store.client.call_seconds = 0.4
+    entry.clean_up_policy(Settings(model_dir=tmp_path), store)("isal-3")
+    assert entry._STEP_TIMES[1]["clean_up"] == 0.4
+    nothing = datastore({"isal-3": 20})
+    entry.clean_up_policy(Settings(model_dir=tmp_path), nothing)("isal-3")  # no call: nothing learned
+    assert entry._STEP_TIMES.pop(1)["clean_up"] == 0.4

@@ -51,15 +51,16 @@ _STEP_TIMES: dict[int, dict[str, float]] = {}
 def live_datastore(settings: Settings, project_id: int, pacer: Pacer | None = None) -> LabelStudioDatastore:
     """The project's Label Studio (the environment's credentials or those /setup stored), read through the
     project's task mirror in the model store, so a round fetches only what changed. ``pacer``: the
-    clean-up's calls wait for the annotators (each is expected to cost Label Studio about what the
-    round's write did)."""
+    clean-up's calls wait for the annotators (each is expected to cost Label Studio what the longest one
+    did in the project's last clean-up, or before any, what the round's write did)."""
     credentials = project_credentials(settings, project_id)
     mirror = TaskMirror.shared(ModelStore(settings.model_dir).project_dir(project_id) / MIRROR_FILE)
     client = LabelStudioClient.from_settings(credentials.url, credentials.api_key, settings)
     return LabelStudioDatastore(client, project_id, mirror, settings.full_resync_seconds,
                                 FailedDownloads.for_project(settings, project_id),
                                 make_room=settings.delete_old_predictions,
-                                before_call=(lambda: pacer.wait("clean_up", pacer.took.get("write")))
+                                before_call=(lambda: pacer.wait("clean_up", pacer.took.get(
+                                    "clean_up", pacer.took.get("write"))))
                                 if pacer is not None else None)
 
 
@@ -106,6 +107,8 @@ def clean_up_policy(settings: Settings, datastore: LabelStudioDatastore) -> Call
             log.warning("project %s: deleting older rounds' predictions failed: %s", datastore.project_id, exc)
             return {"error": str(exc)[:300]}
         done = datastore.last_clean_up
+        if done is not None and done.calls:  # what the next clean-up's calls are expected to hold Label Studio
+            _STEP_TIMES.setdefault(int(datastore.project_id), {})["clean_up"] = done.longest_call_seconds
         if done is not None and done.stopped:
             log.info("project %s: a newer round waits; the previous round's predictions are left to it",
                      datastore.project_id)
