@@ -324,7 +324,7 @@ class Round:
             return image_bytes(reference, lambda r: cache.get(r) or self.datastore.image(r))
 
         reads = [r for r in references if folder.path(thumbnail_key(r)) is None and not r.startswith("data:")
-                 and cache.get(r) is None]
+                 and not cache.has(r)]
         if reads and self.superseded is not None and self.superseded():
             log.debug("project %s: a newer round waits; the stream head's thumbnails are left to it",
                       self.project_id)

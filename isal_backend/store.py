@@ -259,6 +259,10 @@ class ImageCache:
     def _path(self, reference: str) -> Path:
         return self.folder / hashlib.blake2b(reference.encode(), digest_size=20).hexdigest()
 
+    def has(self, reference: str) -> bool:
+        """Whether the bytes are kept (without reading them)."""
+        return self._path(reference).is_file()
+
     def get(self, reference: str) -> bytes | None:
         try:
             return self._path(reference).read_bytes()

@@ -130,10 +130,11 @@ def test_resnet18_uses_torchvision_weights_only_when_cached(tmp_path: Path, monk
 def test_image_cache_keeps_bytes_under_hashed_names(tmp_path: Path) -> None:
     cache = ImageCache(tmp_path / "images")
     reference = "http://ls:8080/data/upload/3/a.jpg?token=SECRET123"
-    assert cache.get(reference) is None
+    assert cache.get(reference) is None and not cache.has(reference)
     cache.put(reference, b"\xff\xd8jpeg bytes")
     cache.put(reference, b"\xff\xd8jpeg bytes")  # a second writer replaces the file whole
     assert cache.get(reference) == b"\xff\xd8jpeg bytes" and cache.get(reference + "x") is None
+    assert cache.has(reference) and not cache.has(reference + "x")
     names = [p.name for p in (tmp_path / "images").iterdir()]
     assert len(names) == 1 and "SECRET" not in names[0] and not names[0].startswith(".tmp-")
 
