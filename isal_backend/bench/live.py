@@ -111,11 +111,13 @@ def prepare_images(files_root: Path, tasks: int) -> Images:
 
 class CountingSession(Session):
     """A Label Studio user's session that counts 5xx answers (``ls_5xx``) and retries them, so one error
-    is a figure, not the end of the run."""
+    is a figure, not the end of the run. ``details``: what each 5xx was (when, the call, Label Studio's
+    answer), for the report's ``ls_5xx_details``."""
 
-    def __init__(self, url: str, token: str, errors: list[int]) -> None:
+    def __init__(self, url: str, token: str, errors: list[int], details: list[str] | None = None) -> None:
         super().__init__(url, token)
         self.errors = errors
+        self.details = details
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         for _ in range(5):
@@ -123,6 +125,8 @@ class CountingSession(Session):
             if r.status_code < 500:
                 break
             self.errors.append(r.status_code)
+            if self.details is not None:
+                self.details.append(f"{time.time():.3f} {method} {path}: HTTP {r.status_code} {r.text[:200]!r}")
             time.sleep(1)
         if r.status_code >= 300:
             raise RuntimeError(f"{method} {path}: HTTP {r.status_code} {r.text[:300]}")
@@ -394,9 +398,11 @@ def run(tasks: int, labels: int, annotators: int, pause_s: float, seeds: int, ev
             backend = start_backend(env, work / "backend.log")
             services += [backend, start_worker(env, work / "worker0.log")]
             errors: list[int] = []
-            people = [CountingSession(ls.url, create_annotator(ls, f"annotator{i}@example.com", ls_venv), errors)
-                      for i in range(annotators)]
-            live = Run(ls, backend.url, ModelStore(work / "models"), images, CountingSession(ls.url, ls.token, errors),
+            details: list[str] = []
+            people = [CountingSession(ls.url, create_annotator(ls, f"annotator{i}@example.com", ls_venv), errors,
+                                      details) for i in range(annotators)]
+            live = Run(ls, backend.url, ModelStore(work / "models"), images,
+                       CountingSession(ls.url, ls.token, errors, details),
                        people, pause_s, every, labels, errors=errors)
             live.alone()  # first: no round has run yet, nothing of ours competes with it
             curves: dict[str, list[list[list[float]]]] = {"stream": [], "random": []}
@@ -412,7 +418,7 @@ def run(tasks: int, labels: int, annotators: int, pause_s: float, seeds: int, ev
         "tasks": tasks, "labels": labels, "annotators": annotators, "seeds": seeds, "every": every,
         "pause_seconds": pause_s, "database": database, "images": images.source, "classes": len(images.classes),
         "held_out": len(images.test_urls), "backbone": (extra_env or {}).get("ISAL_BACKBONE", "default"),
-        "ls_5xx": len(live.errors),
+        "ls_5xx": len(live.errors), "ls_5xx_details": details,
         "next_p50_ms": _ms(live.next_latencies, 50), "next_p99_ms": _ms(live.next_latencies, 99),
         "next_samples": len(live.next_latencies),
         "slow_next": slow_next_during(live.next_timeline, live.rounds, 2 * (_ms(live.idle_latencies, 99) or 0)),
