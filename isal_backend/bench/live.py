@@ -45,6 +45,7 @@ from isal_backend.bench.loop import (
     _ms,
     idle,
     image_png,
+    server_error,
     wait_for,
     write_images,
 )
@@ -110,23 +111,20 @@ def prepare_images(files_root: Path, tasks: int) -> Images:
 
 
 class CountingSession(Session):
-    """A Label Studio user's session that counts 5xx answers (``ls_5xx``) and retries them, so one error
-    is a figure, not the end of the run. ``details``: what each 5xx was (when, the call, Label Studio's
-    answer), for the report's ``ls_5xx_details``."""
+    """A Label Studio user's session that records 5xx answers in ``errors`` and retries them, so one error
+    is a figure, not the end of the run. Each record says when, which call and Label Studio's answer (the
+    report's ``ls_5xx_details``; their count is ``ls_5xx``)."""
 
-    def __init__(self, url: str, token: str, errors: list[int], details: list[str] | None = None) -> None:
+    def __init__(self, url: str, token: str, errors: list[str]) -> None:
         super().__init__(url, token)
         self.errors = errors
-        self.details = details
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         for _ in range(5):
             r = self.http.request(method, f"{self.url}{path}", timeout=600, **kwargs)
             if r.status_code < 500:
                 break
-            self.errors.append(r.status_code)
-            if self.details is not None:
-                self.details.append(f"{time.time():.3f} {method} {path}: HTTP {r.status_code} {r.text[:200]!r}")
+            self.errors.append(server_error(method, path, r))
             time.sleep(1)
         if r.status_code >= 300:
             raise RuntimeError(f"{method} {path}: HTTP {r.status_code} {r.text[:300]}")
@@ -173,7 +171,7 @@ class Run:
     pause_s: float
     every: int
     labels: int
-    errors: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
     next_latencies: list[float] = field(default_factory=list)
     #: Each stream /next as [unix time it was asked, milliseconds], to set beside ``rounds``.
     next_timeline: list[list[float]] = field(default_factory=list)
@@ -182,7 +180,7 @@ class Run:
     idle_latencies: list[float] = field(default_factory=list)
     #: /next on the project no backend is connected to, and Label Studio's 5xx answers there.
     alone_latencies: list[float] = field(default_factory=list)
-    alone_errors: list[int] = field(default_factory=list)
+    alone_errors: list[str] = field(default_factory=list)
     freshness: list[float] = field(default_factory=list)
     max_predictions: int = 0
     #: The largest adaptive write size of any stream round (the unit of the predictions target).
@@ -397,12 +395,11 @@ def run(tasks: int, labels: int, annotators: int, pause_s: float, seeds: int, ev
             images = prepare_images(ls.files_root, tasks)
             backend = start_backend(env, work / "backend.log")
             services += [backend, start_worker(env, work / "worker0.log")]
-            errors: list[int] = []
-            details: list[str] = []
-            people = [CountingSession(ls.url, create_annotator(ls, f"annotator{i}@example.com", ls_venv), errors,
-                                      details) for i in range(annotators)]
+            errors: list[str] = []
+            people = [CountingSession(ls.url, create_annotator(ls, f"annotator{i}@example.com", ls_venv), errors)
+                      for i in range(annotators)]
             live = Run(ls, backend.url, ModelStore(work / "models"), images,
-                       CountingSession(ls.url, ls.token, errors, details),
+                       CountingSession(ls.url, ls.token, errors),
                        people, pause_s, every, labels, errors=errors)
             live.alone()  # first: no round has run yet, nothing of ours competes with it
             curves: dict[str, list[list[list[float]]]] = {"stream": [], "random": []}
@@ -418,14 +415,14 @@ def run(tasks: int, labels: int, annotators: int, pause_s: float, seeds: int, ev
         "tasks": tasks, "labels": labels, "annotators": annotators, "seeds": seeds, "every": every,
         "pause_seconds": pause_s, "database": database, "images": images.source, "classes": len(images.classes),
         "held_out": len(images.test_urls), "backbone": (extra_env or {}).get("ISAL_BACKBONE", "default"),
-        "ls_5xx": len(live.errors), "ls_5xx_details": details,
+        "ls_5xx": len(live.errors), "ls_5xx_details": live.errors,
         "next_p50_ms": _ms(live.next_latencies, 50), "next_p99_ms": _ms(live.next_latencies, 99),
         "next_samples": len(live.next_latencies),
         "slow_next": slow_next_during(live.next_timeline, live.rounds, 2 * (_ms(live.idle_latencies, 99) or 0)),
         "next_timeline": live.next_timeline, "rounds": live.rounds,
         "idle_next_p50_ms": _ms(live.idle_latencies, 50), "idle_next_p99_ms": _ms(live.idle_latencies, 99),
         "alone_next_p50_ms": _ms(live.alone_latencies, 50), "alone_next_p99_ms": _ms(live.alone_latencies, 99),
-        "alone_5xx": len(live.alone_errors),
+        "alone_5xx": len(live.alone_errors), "alone_5xx_details": live.alone_errors,
         "next_p99_vs_alone": round(_ms(live.next_latencies, 99) / _ms(live.alone_latencies, 99), 2)
         if live.next_latencies and live.alone_latencies else None,
         "max_predictions_in_ls": live.max_predictions, "max_write_size": live.max_write_size,

@@ -97,16 +97,17 @@ class NextProbe:
     def __init__(self, session: Session, project: int, interval_s: float = 0.25) -> None:
         self.session, self.project, self.interval_s = session, project, interval_s
         self.latencies: list[float] = []
-        self.errors: list[int] = []
+        self.errors: list[str] = []  #: each 5xx: when, the call, Label Studio's answer
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def once(self) -> None:
         start = time.perf_counter()
-        r = self.session.http.get(f"{self.session.url}/api/projects/{self.project}/next", timeout=300)
+        path = f"/api/projects/{self.project}/next"
+        r = self.session.http.get(f"{self.session.url}{path}", timeout=300)
         self.latencies.append(time.perf_counter() - start)
         if r.status_code >= 500:
-            self.errors.append(r.status_code)
+            self.errors.append(server_error("GET", path, r))
 
     def __enter__(self) -> NextProbe:
         def loop() -> None:
@@ -121,6 +122,11 @@ class NextProbe:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=300)
+
+
+def server_error(method: str, path: str, answer: requests.Response) -> str:
+    """One Label Studio 5xx as the benchmarks report it: when, which call, what Label Studio answered."""
+    return f"{time.time():.3f} {method} {path}: HTTP {answer.status_code} {answer.text[:200]!r}"
 
 
 def next_task(lsapi: Session, project: int) -> int:
@@ -249,6 +255,7 @@ def _run(tasks: int, repeats: int, work: Path, ls_venv: Path, redis_url: str, wo
             "busy_next_p50_ms": _ms(busy_probe.latencies, 50), "busy_next_p99_ms": _ms(busy_probe.latencies, 99),
             "busy_next_samples": len(busy_probe.latencies),
             "next_5xx": len(idle_probe.errors) + len(busy_probe.errors),
+            "next_5xx_details": idle_probe.errors + busy_probe.errors,
             "webhook_p50_ms": round(latency["p50_ms"], 2),
             "webhook_p99_ms": round(latency["p99_ms"], 2),
             "webhook_errors": latency.get("errors", 0),
