@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite",
                       help="Label Studio's database: its SQLite file, or a fresh PostgreSQL database on the server "
                            "of PGHOST/PGPORT/PGUSER (default 127.0.0.1:5432, user postgres), dropped at the end")
+    loop.add_argument("--images", choices=("local-files", "static"), default="local-files",
+                      help="where the tasks' images are served from: Label Studio's local-files storage, or a "
+                           "loopback static file server (the first featurization then measures the backend, not "
+                           "Label Studio's file view)")
     loop.add_argument("--env", action="append", metavar="NAME=VALUE",
                       help="a backend setting for this run (repeatable), e.g. --env ISAL_BACKBONE=small-cnn")
 

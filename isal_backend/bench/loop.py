@@ -1,9 +1,12 @@
 """``bench loop``: the live loop against a real Label Studio, end to end, up to 100,000 tasks.
 
 It starts Label Studio (from ``LS_VENV``), the backend under gunicorn and ``--workers`` RQ workers on the
-local Redis. The project's images are files in Label Studio's local-files storage (``/data/local-files/?d=``),
-imported in batches, as a real project of that size would be (data URLs would make every task list
-megabytes). It connects the backend with ``POST /api/ml`` and labels a first batch; the first round's
+local Redis. The project's images are files, imported in batches as a real project of that size would be
+(data URLs would make every task list megabytes): by default in Label Studio's local-files storage
+(``/data/local-files/?d=``); with ``images="static"`` on a loopback static file server instead (allowed by
+``ISAL_IMAGE_HOSTS_ALLOWED``, as an internal image host would be), so that the first featurization measures
+the backend and its workers rather than Label Studio's file view, which serves on one core.
+It connects the backend with ``POST /api/ml`` and labels a first batch; the first round's
 time (which featurizes every image once, shared among the workers) is reported on its own.
 
 Then, as an annotator would, it repeatedly takes the task ``/next`` serves and submits its annotation,
@@ -39,6 +42,7 @@ from isal_backend.bench.stack import (
     run_in_workdir,
     start_backend,
     start_label_studio,
+    start_static_server,
     start_worker,
 )
 from isal_backend.bench.webhook_latency import measure_webhook_latency, percentile
@@ -50,6 +54,7 @@ CONFIG = ('<View><Image name="image" value="$image"/><Choices name="label" toNam
           + "".join(f'<Choice value="{c}"/>' for c in CLASSES) + "</Choices></View>")
 IMPORT_BATCH = 5000
 FILES_FOLDER = "bench"
+IMAGE_SOURCES = ("local-files", "static")
 
 
 def image_png(rng: np.random.Generator, label: int) -> bytes:
@@ -61,8 +66,9 @@ def image_png(rng: np.random.Generator, label: int) -> bytes:
     return buf.getvalue()
 
 
-def write_images(root: Path, labels: np.ndarray, seed: int = 0) -> list[str]:
-    """One PNG per task under ``root/bench/<thousands>/``; returns each one's local-files reference."""
+def write_images(root: Path, labels: np.ndarray, seed: int = 0, base_url: str | None = None) -> list[str]:
+    """One PNG per task under ``root/bench/<thousands>/``; returns each one's reference for the task: its
+    local-files path, or its URL under ``base_url`` (a static server of ``root``)."""
     rng = np.random.default_rng(seed)
     refs = []
     for i, label in enumerate(labels.tolist()):
@@ -70,7 +76,7 @@ def write_images(root: Path, labels: np.ndarray, seed: int = 0) -> list[str]:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(image_png(rng, int(label)))
-        refs.append(f"/data/local-files/?d={rel}")
+        refs.append(f"{base_url}/{rel}" if base_url else f"/data/local-files/?d={rel}")
     return refs
 
 
@@ -154,29 +160,37 @@ def _ms(values: list[float], q: float) -> float:
 
 
 def run(tasks: int, repeats: int, work: Path, ls_venv: Path, redis_url: str, workers: int = 1,
-        extra_env: dict[str, str] | None = None, database: str = "sqlite") -> dict[str, Any]:
+        extra_env: dict[str, str] | None = None, database: str = "sqlite", images: str = "local-files",
+        ) -> dict[str, Any]:
     """``database``: ``sqlite`` (Label Studio's default) or ``postgres`` (a fresh database on the PostgreSQL
-    server of PGHOST/PGPORT/PGUSER, default 127.0.0.1:5432, dropped at the end)."""
+    server of PGHOST/PGPORT/PGUSER, default 127.0.0.1:5432, dropped at the end). ``images``: where the
+    tasks' images are served from, ``local-files`` (Label Studio) or ``static`` (a loopback file server)."""
+    if images not in IMAGE_SOURCES:
+        raise ValueError(f"images must be one of {IMAGE_SOURCES}, not {images!r}")
     with label_studio_database(database) as db_name:
-        figures = _run(tasks, repeats, work, ls_venv, redis_url, workers, extra_env, db_name)
+        figures = _run(tasks, repeats, work, ls_venv, redis_url, workers, extra_env, db_name, images)
     return {**figures, "database": database}
 
 
 def _run(tasks: int, repeats: int, work: Path, ls_venv: Path, redis_url: str, workers: int,
-         extra_env: dict[str, str] | None, db_name: str | None) -> dict[str, Any]:
+         extra_env: dict[str, str] | None, db_name: str | None, images: str) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, size=tasks)
     ls = start_label_studio(ls_venv, work / "label-studio", db_name)
-    started = time.perf_counter()
-    refs = write_images(ls.files_root, labels)
-    write_seconds = time.perf_counter() - started
     prefix = f"isal-bench-{uuid.uuid4().hex[:8]}"
-    env = backend_env(work / "models", redis_url, {"ISAL_REDIS_PREFIX": prefix, "RQ_QUEUE": prefix,
-                                                   "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token,
-                                                   **(extra_env or {})})
-    backend = None
+    backend = static = None
     pool: list[Any] = []
     try:
+        static_env = {}
+        if images == "static":
+            static = start_static_server(ls.files_root, work / "static.log")
+            static_env = {"ISAL_IMAGE_HOSTS_ALLOWED": "127.0.0.1"}
+        started = time.perf_counter()
+        refs = write_images(ls.files_root, labels, base_url=static.url if static else None)
+        write_seconds = time.perf_counter() - started
+        env = backend_env(work / "models", redis_url, {"ISAL_REDIS_PREFIX": prefix, "RQ_QUEUE": prefix,
+                                                       "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token,
+                                                       **static_env, **(extra_env or {})})
         backend = start_backend(env, work / "backend.log")
         pool = [start_worker(env, work / f"worker{i}.log") for i in range(workers)]
         lsapi = Session(ls.url, ls.token)
@@ -236,6 +250,7 @@ def _run(tasks: int, repeats: int, work: Path, ls_venv: Path, redis_url: str, wo
         return {
             "tasks": tasks,
             "workers": workers,
+            "images": images,
             "freshness_seconds": round(statistics.median(fresh), 3),
             "freshness_all_seconds": [round(f, 3) for f in fresh],
             "round_seconds": round(median_round["total_seconds"], 3),
@@ -261,7 +276,7 @@ def _run(tasks: int, repeats: int, work: Path, ls_venv: Path, redis_url: str, wo
             "webhook_errors": latency.get("errors", 0),
         }
     finally:
-        for service in (*pool, backend, ls):
+        for service in (*pool, backend, static, ls):
             if service is not None:
                 service.stop()
         clear_redis(redis_url, prefix)
@@ -272,9 +287,11 @@ def main(args: argparse.Namespace) -> int:
     extra = dict(item.split("=", 1) for item in args.env or [])
     figures = run_in_workdir(
         "isal-bench-loop-", "bench loop",
-        lambda work: run(args.tasks, args.repeats, work, ls_venv, args.redis_url, args.workers, extra, args.database),
+        lambda work: run(args.tasks, args.repeats, work, ls_venv, args.redis_url, args.workers, extra, args.database,
+                         args.images),
         args.json)
-    print(f"tasks {figures['tasks']}, {figures['workers']} worker(s), Label Studio on {figures['database']}: "
+    print(f"tasks {figures['tasks']}, {figures['workers']} worker(s), Label Studio on {figures['database']}, "
+          f"images from {figures['images']}: "
           f"freshness {figures['freshness_seconds']} s (median of {args.repeats}); "
           f"baseline: the round itself {figures['round_seconds']} s, of which fetch {figures['fetch_seconds']} s "
           f"({figures['fetch_modes']}); first round {figures['first_round_seconds']} s; "

@@ -319,3 +319,23 @@ def start_worker(env: dict[str, str], log_path: Path) -> Service:
         proc = subprocess.Popen([sys.executable, "-m", "isal_backend", "worker"], env=env, cwd=REPO, stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     return Service(proc=proc, log_path=log_path)
+
+
+def start_static_server(root: Path, log_path: Path) -> Service:
+    """A plain static file server for ``root`` on loopback (Python's threaded ``http.server``).
+
+    For benchmarks that must not be bound by how fast Label Studio serves its local files (a Django view,
+    one core, a permission check per image): in production images come from a web server or a bucket.
+    """
+    port = free_port()
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(root),
+                                 str(port)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http_ok(f"{url}/", proc, log_path, 60, "the static image server")
+    except BaseException:
+        stop_process(proc)
+        raise
+    return Service(proc=proc, log_path=log_path, url=url)
