@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where the tasks' images are served from: Label Studio's local-files storage, or a "
                            "loopback static file server (the first featurization then measures the backend, not "
                            "Label Studio's file view)")
+    loop.add_argument("--ls-env", action="append", metavar="NAME=VALUE",
+                      help="a setting of Label Studio's for this run (repeatable), e.g. its feature flag "
+                           "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short=true")
+    loop.add_argument("--keep-workdir", action="store_true",
+                      help="keep the run's folder (the logs of Label Studio, the backend, the workers, the model "
+                           "store with every round's report) and name it")
     loop.add_argument("--env", action="append", metavar="NAME=VALUE",
                       help="a backend setting for this run (repeatable), e.g. --env ISAL_BACKBONE=small-cnn")
 

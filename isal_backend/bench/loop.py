@@ -161,22 +161,24 @@ def _ms(values: list[float], q: float) -> float:
 
 def run(tasks: int, repeats: int, work: Path, ls_venv: Path, redis_url: str, workers: int = 1,
         extra_env: dict[str, str] | None = None, database: str = "sqlite", images: str = "local-files",
-        ) -> dict[str, Any]:
+        ls_settings: dict[str, str] | None = None) -> dict[str, Any]:
     """``database``: ``sqlite`` (Label Studio's default) or ``postgres`` (a fresh database on the PostgreSQL
     server of PGHOST/PGPORT/PGUSER, default 127.0.0.1:5432, dropped at the end). ``images``: where the
-    tasks' images are served from, ``local-files`` (Label Studio) or ``static`` (a loopback file server)."""
+    tasks' images are served from, ``local-files`` (Label Studio) or ``static`` (a loopback file server).
+    ``ls_settings``: Label Studio's own environment beyond the stack's (its feature flags)."""
     if images not in IMAGE_SOURCES:
         raise ValueError(f"images must be one of {IMAGE_SOURCES}, not {images!r}")
     with label_studio_database(database) as db_name:
-        figures = _run(tasks, repeats, work, ls_venv, redis_url, workers, extra_env, db_name, images)
-    return {**figures, "database": database}
+        figures = _run(tasks, repeats, work, ls_venv, redis_url, workers, extra_env, db_name, images, ls_settings)
+    return {**figures, "database": database, "label_studio_settings": dict(ls_settings or {})}
 
 
 def _run(tasks: int, repeats: int, work: Path, ls_venv: Path, redis_url: str, workers: int,
-         extra_env: dict[str, str] | None, db_name: str | None, images: str) -> dict[str, Any]:
+         extra_env: dict[str, str] | None, db_name: str | None, images: str,
+         ls_settings: dict[str, str] | None) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, size=tasks)
-    ls = start_label_studio(ls_venv, work / "label-studio", db_name)
+    ls = start_label_studio(ls_venv, work / "label-studio", db_name, settings=ls_settings)
     prefix = f"isal-bench-{uuid.uuid4().hex[:8]}"
     backend = static = None
     pool: list[Any] = []
@@ -285,11 +287,12 @@ def _run(tasks: int, repeats: int, work: Path, ls_venv: Path, redis_url: str, wo
 def main(args: argparse.Namespace) -> int:
     ls_venv = Path(args.ls_venv or os.environ.get("LS_VENV") or REPO / ".ls-venv")
     extra = dict(item.split("=", 1) for item in args.env or [])
+    ls_settings = dict(item.split("=", 1) for item in args.ls_env or [])
     figures = run_in_workdir(
         "isal-bench-loop-", "bench loop",
         lambda work: run(args.tasks, args.repeats, work, ls_venv, args.redis_url, args.workers, extra, args.database,
-                         args.images),
-        args.json)
+                         args.images, ls_settings),
+        args.json, keep=args.keep_workdir)
     print(f"tasks {figures['tasks']}, {figures['workers']} worker(s), Label Studio on {figures['database']}, "
           f"images from {figures['images']}: "
           f"freshness {figures['freshness_seconds']} s (median of {args.repeats}); "

@@ -28,6 +28,11 @@ import requests
 
 REPO = Path(__file__).resolve().parents[2]
 LS_BOOT_TIMEOUT_S = 300  # first boot runs the migrations (~90 s on a 2-core machine)
+#: Label Studio's own feature flag (off in 1.23.2) for its prediction import: off, every import recounts the
+#: annotations and predictions of every task of the project (an UPDATE of each task without any, holding
+#: SQLite's lock); on, only the tasks the predictions are for. Measured at 100,000 tasks, 20 predictions:
+#: 4.2 s off, 0.09 s on.
+LS_FAST_PREDICTION_IMPORT = {"fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short": "true"}
 
 
 def free_port() -> int:
@@ -166,11 +171,13 @@ class LabelStudio(Service):
 
 
 def start_label_studio(ls_venv: Path, base: Path, database: str | None = None,
-                       postgres: Postgres | None = None) -> LabelStudio:
+                       postgres: Postgres | None = None, settings: dict[str, str] | None = None) -> LabelStudio:
     """Label Studio 1.23.2 as docs/label-studio.md says: fresh data dir, legacy token, loopback allowed.
 
     ``database`` names an existing, empty PostgreSQL database (``Postgres.create_database``) on ``postgres``
     (default: ``Postgres.from_env()``), as Label Studio runs in production; ``None`` keeps its SQLite file.
+    ``settings``: more of Label Studio's environment (its feature flags, e.g.
+    :data:`LS_FAST_PREDICTION_IMPORT`), applied last.
     """
     exe = Path(ls_venv) / "bin" / "label-studio"
     if not exe.exists():
@@ -195,6 +202,7 @@ def start_label_studio(ls_venv: Path, base: Path, database: str | None = None,
         "LOCAL_FILES_SERVING_ENABLED": "true",
         "LOCAL_FILES_DOCUMENT_ROOT": str(files_root),
     })
+    env.update(settings or {})
     log_path = base / "label-studio.log"
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
