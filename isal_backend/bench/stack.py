@@ -82,6 +82,15 @@ def wait_http_ok(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: fl
         time.sleep(0.5)
 
 
+def await_started(proc: subprocess.Popen, log_path: Path, url: str, timeout_s: float, what: str) -> None:
+    """:func:`wait_http_ok`, stopping the process (its whole group) when it does not come up."""
+    try:
+        wait_http_ok(url, proc, log_path, timeout_s, what)
+    except BaseException:
+        stop_process(proc)
+        raise
+
+
 @dataclass
 class Service:
     """A started process with its log."""
@@ -210,11 +219,7 @@ def start_label_studio(ls_venv: Path, base: Path, database: str | None = None,
             [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port)],
             env=env, cwd=base, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
-    try:
-        wait_http_ok(f"{url}/health", proc, log_path, LS_BOOT_TIMEOUT_S, "Label Studio")
-    except BaseException:
-        stop_process(proc)
-        raise
+    await_started(proc, log_path, f"{url}/health", LS_BOOT_TIMEOUT_S, "Label Studio")
     return LabelStudio(proc=proc, log_path=log_path, url=url, token=token, files_root=files_root,
                        password=password, db_env=db_env)
 
@@ -313,11 +318,7 @@ def start_backend(env: dict[str, str], log_path: Path, port: int | None = None, 
              "--timeout", "120", "_wsgi:app"],
             env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http_ok(f"{url}/health", proc, log_path, 120, "the backend")
-    except BaseException:
-        stop_process(proc)
-        raise
+    await_started(proc, log_path, f"{url}/health", 120, "the backend")
     return Service(proc=proc, log_path=log_path, url=url)
 
 
@@ -341,9 +342,5 @@ def start_static_server(root: Path, log_path: Path) -> Service:
                                  str(port)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http_ok(f"{url}/", proc, log_path, 60, "the static image server")
-    except BaseException:
-        stop_process(proc)
-        raise
+    await_started(proc, log_path, f"{url}/", 60, "the static image server")
     return Service(proc=proc, log_path=log_path, url=url)
